@@ -1,0 +1,90 @@
+"""
+The poor man's configurator (nanoGPT's idea), strict:
+
+    python train.py config/quick_cpu.py --residual=mhc --batch_size=8
+
+Each argument is either a config file (Python assignments, applied in order) or --key=value.
+A key must already exist in the defaults, and a value must parse as the default's type:
+booleans only from true/false/True/False/1/0 (so --wandb_log=false is never silently True),
+integers as integers, floats as any number. Anything else raises ConfigError with one line.
+"""
+import ast
+import difflib
+import os
+
+TRUE, FALSE = ("true", "True", "1"), ("false", "False", "0")
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _unknown(key, config):
+    close = difflib.get_close_matches(key, list(config), n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return ConfigError(f"unknown option --{key}{hint}")
+
+
+def parse_value(key, text, default):
+    """Turn the command-line string `text` into the type of `default`."""
+    if isinstance(default, bool):
+        if text in TRUE:
+            return True
+        if text in FALSE:
+            return False
+        raise ConfigError(f"--{key}={text}: expected true or false")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--{key}={text}: expected an integer")
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--{key}={text}: expected a number")
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = ast.literal_eval(text)  # --start="'hello'" style quoting
+    return text
+
+
+def check_type(key, value, default):
+    """A value set in a config file must have the default's type (an int is fine for a float)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected a {type(default).__name__}")
+    return float(value) if isinstance(default, float) else value
+
+
+def configure(config, argv, allow_files=True):
+    """Update the dict `config` in place from argv; returns the keys that were set."""
+    changed = []
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not allow_files:
+                raise ConfigError(f"unexpected argument {arg!r}; options are --key=value")
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg} not found (options are written --key=value)")
+            namespace = {}
+            exec(open(arg).read(), {}, namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue
+                if key not in config:
+                    raise ConfigError(f"{arg}: {_unknown(key, config)}")
+                config[key] = check_type(key, value, config[key])
+                changed.append(key)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            raise ConfigError(f"{arg}: options are written --key=value")
+        if key not in config:
+            raise _unknown(key, config)
+        config[key] = parse_value(key, text, config[key])
+        changed.append(key)
+    return changed

@@ -1,0 +1,225 @@
+"""
+Hyper-Connections (HC) and Manifold-Constrained Hyper-Connections (mHC), in plain PyTorch.
+
+A plain residual network carries one vector per token: x_{l+1} = x_l + F(x_l).
+HC and mHC widen that vector into n parallel *streams* (an n x C matrix per token) and wrap
+every sublayer F (attention or MLP, each with its own pre-norm) as
+
+    x_{l+1} = H_res . x_l  +  H_post^T . F(H_pre . x_l)                             (1)
+
+    H_pre  (1 x n)  reads the sublayer's input out of the n streams,
+    H_post (1 x n)  writes the sublayer's output back into each stream,
+    H_res  (n x n)  mixes the streams with each other.
+
+HC (Zhu et al. 2024) learns the three maps freely. mHC (DeepSeek 2025) constrains them:
+H_pre >= 0, H_post in (0, 2), and H_res doubly stochastic (projected onto the Birkhoff polytope
+by Sinkhorn-Knopp), so the product of H_res over any depth keeps a gain of about 1.
+
+This file is the readable reference: every function is the exact math, autograd does the
+backward. sinkhorn_kernel.py holds the fast Triton versions; the tests check them against this.
+Stream tensors are laid out as [..., n, C] (e.g. [B, T, n, C]).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RESIDUAL_MODES = ("residual", "hc", "mhc")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp projection (the mHC paper's Eq. 9)
+
+def sinkhorn(logits, iters=20):
+    """Project logits [..., n, n] to a (nearly) doubly stochastic matrix.
+
+    M_0 = exp(logits); each iteration divides every column by its sum (T_c), then every row by
+    its sum (T_r): M_t = T_r(T_c(M_{t-1})). Ending on the rows makes every row sum to exactly 1,
+    so with x_next = H_res . x each output stream is a convex combination of the input streams.
+    The columns sum to 1 only approximately (closely for small logits; see SPEC.md).
+
+    We run the same iterations in the log domain (subtracting a logsumexp is dividing by a sum),
+    which is the same function in exact arithmetic but cannot overflow (exp(100) is inf in fp32)
+    or underflow a whole column to zeros (exp(-200) is 0). Autograd differentiates through the
+    unrolled iterations, so the gradient is that of this 20-step function, not of the ideal
+    projection. Half-precision inputs are computed in fp32; fp64 stays fp64 (the test oracle).
+    """
+    if iters < 1:
+        raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
+    log_m = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    for _ in range(iters):
+        log_m = log_m - log_m.logsumexp(dim=-2, keepdim=True)  # T_c: columns sum to 1
+        log_m = log_m - log_m.logsumexp(dim=-1, keepdim=True)  # T_r: rows sum to 1
+    return log_m.exp()
+
+
+# ----------------------------------------------------------------------------------------------
+# The connection around one sublayer: Eq. (1). HC and mHC differ only in how they make the maps.
+
+class Connection(nn.Module):
+    """Wraps any sublayer F: [..., C] -> [..., C] as x_next = H_res x + H_post^T F(H_pre x).
+
+    Subclasses implement maps(x) -> (H_pre [..., n], H_post [..., n], H_res [..., n, n]).
+    All static parts live in one flat parameter `b` laid out as [pre (n) | post (n) | res (n*n)],
+    the same layout as the coefficients; being 1-D it gets no weight decay (model.py decays
+    matrices only), as the HC paper asks for the static parts.
+    """
+
+    def __init__(self, n, C):
+        super().__init__()
+        self.n, self.C = n, C
+
+    def split(self, h):
+        """[..., 2n + n^2] -> ([..., n], [..., n], [..., n, n])."""
+        n = self.n
+        pre, post, res = h.split([n, n, n * n], dim=-1)
+        return pre, post, res.unflatten(-1, (n, n))
+
+    def forward(self, x, sublayer):
+        H_pre, H_post, H_res = (H.to(x.dtype) for H in self.maps(x))
+        # The stream products run outside autocast: under bf16 autocast an einsum would round
+        # the residual stream itself to bf16 at every sublayer. Only the sublayer runs in bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            layer_in = torch.einsum("...i,...ic->...c", H_pre, x)                 # H_pre . x
+        y = sublayer(layer_in)
+        with torch.autocast(x.device.type, enabled=False):
+            mixed = torch.einsum("...ij,...jc->...ic", H_res, x)                  # H_res . x
+            return mixed + H_post.unsqueeze(-1) * y.to(x.dtype).unsqueeze(-2)     # + H_post^T y
+
+
+class HyperConnection(Connection):
+    """Dynamic HC (Zhu et al. 2024): each map = static part + s * tanh(token-dependent part).
+
+    As in HC, the dynamic part is computed per stream from that stream's own normalized C-vector:
+    stream j gives one H_pre weight, one H_post weight and column j of H_res (where stream j goes).
+    The dynamic weights W start at 0 and the scales s at 0.01; the static parts start as a plain
+    pre-norm residual: H_pre one-hot on stream (k mod n) for sublayer k, H_post all ones,
+    H_res = identity. With all streams equal copies of the embedding, the network at init is
+    then exactly the residual GPT. HC has no constraint: its maps can grow without bound.
+    """
+
+    def __init__(self, n, C, layer_id):
+        super().__init__(n, C)
+        self.W = nn.Parameter(torch.zeros(C, n + 2))   # per stream: [pre, post, res column]
+        self.s = nn.Parameter(torch.full((3,), 0.01))   # scales of pre, post, res
+        b_pre = F.one_hot(torch.tensor(layer_id % n), n).float()
+        self.b = nn.Parameter(torch.cat([b_pre, torch.ones(n), torch.eye(n).flatten()]))
+
+    def maps(self, x):
+        with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
+            d = torch.tanh(F.rms_norm(x.to(self.W.dtype), (self.C,)) @ self.W)  # [..., n, n + 2]
+            b_pre, b_post, b_res = self.split(self.b)
+            H_pre = b_pre + self.s[0] * d[..., 0]
+            H_post = b_post + self.s[1] * d[..., 1]
+            H_res = b_res + self.s[2] * d[..., 2:].transpose(-1, -2)  # H_res[i, j] from stream j
+        return H_pre, H_post, H_res
+
+
+class ManifoldHyperConnection(Connection):
+    """mHC (DeepSeek 2025): the maps come from the whole flattened state and are constrained.
+
+        v = vec(x)  (1 x nC);  h = rmsnorm(v) . phi   (phi: nC x (2n + n^2))                  (2)
+        H~ = alpha * h + b   (one learnable gate alpha per map, init 0.01)                     (3)
+        H_pre = sigmoid(H~_pre),  H_post = 2 sigmoid(H~_post),  H_res = Sinkhorn(H~_res)       (4)
+
+    Choices the paper leaves open, and why:
+    - rmsnorm has no gain of its own: phi absorbs it. We compute (v . phi) / rms(v) (eps 1e-6
+      inside the root), the same number, so a kernel can read x once.
+    - phi ~ N(0, 1/(nC)): each raw coefficient h has unit scale at init, so alpha alone says
+      how token-dependent the maps start (1%). Non-zero so alpha gets a gradient from step one.
+    - b_post = 0: H_post = 2 sigmoid(0) = 1 on every stream, HC's all-ones write, so each
+      sublayer's output is added once to every stream exactly as in a residual network.
+    - b_pre = +1 on stream (k mod n) for sublayer k, -1 elsewhere (H_pre = 0.73 / 0.27): as in
+      HC, different sublayers lean on different streams, which breaks the symmetry between the
+      otherwise identical streams. The sublayer's pre-norm removes the overall scale of H_pre x.
+    - b_res = res_init * I (diagonal logit gap; Sinkhorn ignores constant shifts). At gap g each
+      H_res starts with (e^g - 1) / (e^g + n - 1) of identity; the product over L sublayers keeps
+      that to the power L. g = 6 keeps 0.79 of the identity over 24 sublayers (GPT-2 small) and
+      0.53 over 64, where g = 4 would keep 0.01 over 64 (streams collapsed to one mix before
+      training starts) and g = 8 leaves the off-diagonals 8x less gradient (about 3e-4 weight).
+    Since every stream starts as the same copy and the rows of H_res sum to 1, the streams stay
+    equal until phi and the biases learn to tell them apart.
+    """
+
+    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0):
+        super().__init__(n, C)
+        self.sinkhorn_iters = sinkhorn_iters
+        self.phi = nn.Parameter(torch.randn(n * C, 2 * n + n * n) / math.sqrt(n * C))
+        self.alpha = nn.Parameter(torch.full((3,), 0.01))  # gates of pre, post, res
+        b_pre = 2 * F.one_hot(torch.tensor(layer_id % n), n).float() - 1
+        b_res = res_init * torch.eye(n)
+        self.b = nn.Parameter(torch.cat([b_pre, torch.zeros(n), b_res.flatten()]))
+
+    def maps(self, x):
+        with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
+            v = x.to(self.phi.dtype).flatten(-2)                                    # [..., nC]
+            h = (v @ self.phi) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)  # Eq. (2)
+            h_pre, h_post, h_res = self.split(h)
+            b_pre, b_post, b_res = self.split(self.b)
+            H_pre = torch.sigmoid(self.alpha[0] * h_pre + b_pre)                      # Eq. (3, 4)
+            H_post = 2 * torch.sigmoid(self.alpha[1] * h_post + b_post)
+            H_res = sinkhorn(self.alpha[2] * h_res + b_res, self.sinkhorn_iters)
+        return H_pre, H_post, H_res
+
+
+def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0):
+    """The connection for sublayer `layer_id` (0, 1, 2, ... in depth order)."""
+    if residual == "hc":
+        return HyperConnection(n, C, layer_id)
+    if residual == "mhc":
+        return ManifoldHyperConnection(n, C, layer_id, sinkhorn_iters, res_init)
+    raise ValueError(f"residual must be one of {RESIDUAL_MODES} to build a connection, got {residual!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams in and out of the model
+
+def expand_streams(x, n):
+    """[..., C] -> [..., n, C]: every stream starts as a copy of the token+position embedding."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+
+
+def reduce_streams(x):
+    """[..., n, C] -> [..., C]. We average (HC sums): the final norm makes the two equivalent,
+    and with the mean an untrained HC/mHC model (all streams equal) hands the final norm exactly
+    the residual model's stream."""
+    return x.mean(dim=-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+
+def _product(mats):
+    """P = H_res^(L) ... H_res^(1) in float64, for matrices given in depth order."""
+    mats = [torch.as_tensor(m, dtype=torch.float64).cpu() for m in mats]
+    if not mats:
+        raise ValueError("need at least one H_res matrix")
+    P = mats[0]
+    for m in mats[1:]:
+        P = m @ P
+    return P
+
+
+def gain_magnitude(mats):
+    """Composite gain of the H_res matrices `mats` ([n, n] each, in depth order).
+
+    Returns (forward_gain, backward_gain) of P = H_res^(L) ... H_res^(1): the largest absolute
+    row sum of P (how much one output stream can amplify the input streams; the infinity norm)
+    and the largest absolute column sum (the same for gradients flowing back; the 1-norm).
+    Both are 1 for a product of doubly stochastic matrices. model.GPT.mixing_matrices gives
+    the batch-mean H_res of each sublayer (averaged over every token of a batch), so the gain
+    train.py logs is that of the product of batch means, not a per-token maximum.
+    """
+    P = _product(mats).abs()
+    return P.sum(-1).max().item(), P.sum(-2).max().item()
+
+
+def composite_distance(mats):
+    """(to_identity, to_uniform): Frobenius distances of P = H_res^(L) ... H_res^(1) to the
+    identity (streams kept apart) and to the uniform matrix J/n (every stream the same mix)."""
+    P = _product(mats)
+    n = P.shape[-1]
+    to_identity = (P - torch.eye(n, dtype=P.dtype)).norm().item()
+    to_uniform = (P - torch.full_like(P, 1.0 / n)).norm().item()
+    return to_identity, to_uniform
