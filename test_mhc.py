@@ -285,3 +285,220 @@ def test_generate_returns_requested_tokens():
         idx = torch.randint(0, 50257, (2, 5))
         out = model.generate(idx, 40, temperature=0.9, top_k=10)  # runs past block_size (32)
         assert out.shape == (2, 45) and torch.equal(out[:, :5], idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# the programs, run as a user runs them
+
+def run(script, *args, ok=True, **env):
+    """Run one of the project's scripts; return the finished process (stdout, stderr)."""
+    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    if ok:
+        assert p.returncode == 0, f"{script} failed:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def assert_clean_error(p, *fragments):
+    """Bad input: exit code 1, one 'error:' line naming the problem, no traceback."""
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def text_source():
+    path = os.path.join(SHARED_DATA, "tinyshakespeare.txt")
+    return path if os.path.exists(path) else SHAKESPEARE
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """200 kB of Shakespeare through prepare_data.py, as a user would prepare local text."""
+    root = tmp_path_factory.mktemp("data")
+    src = root / "shakespeare.txt"
+    with open(text_source(), encoding="utf-8") as f:
+        src.write_text(f.read(200_000), encoding="utf-8")
+    run("prepare_data.py", f"--input={src}", f"--out_dir={root / 'bin'}")
+    return root / "bin"
+
+
+def test_prepare_data_local_text(data_dir):
+    from prepare_data import get_tokenizer
+    enc = get_tokenizer()
+    text = (data_dir.parent / "shakespeare.txt").read_text(encoding="utf-8")
+    expected = enc.encode_ordinary(text) + [enc.eot_token]
+    meta = json.loads((data_dir / "meta.json").read_text())
+    train = np.fromfile(data_dir / "train.bin", dtype=np.uint16)
+    val = np.fromfile(data_dir / "val.bin", dtype=np.uint16)
+    assert meta["vocab_size"] == 50257 and meta["documents"] == 1
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    assert np.concatenate([train, val]).tolist() == expected  # nothing lost, nothing added
+    assert len(val) == round(0.1 * len(expected))
+    assert not [f for f in os.listdir(data_dir) if f.endswith(".tmp")]
+
+
+def test_prepare_data_folder_jsonl_and_xz(tmp_path):
+    import lzma
+    wiki = os.path.join(SHARED_DATA, "wiki_en_00.txt.xz")
+    if os.path.exists(wiki):  # a slice of the real Wikipedia text, recompressed
+        with lzma.open(wiki, "rt", encoding="utf-8") as f:
+            articles = f.read(60_000).split("\n\n")[:-1]
+    else:
+        articles = ["First article.\nSome text.", "Second article.\nMore text."]
+    src = tmp_path / "src"
+    src.mkdir()
+    with lzma.open(src / "a.txt.xz", "wt", encoding="utf-8") as f:
+        f.write("\n\n".join(articles))
+    with open(src / "b.jsonl", "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"text": f"document number {i}"}) + "\n")
+    (src / "ignored.csv").write_text("not,text")
+    run("prepare_data.py", f"--input={src}", f"--out_dir={tmp_path / 'out'}", "--blank_line_docs=True",
+        "--val_fraction=0.2")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["documents"] == len(articles) + 5
+    tokens = np.concatenate([np.fromfile(tmp_path / "out" / f, dtype=np.uint16) for f in ("train.bin", "val.bin")])
+    assert (tokens == 50256).sum() == len(articles) + 5  # one end-of-text after every document
+
+
+def test_prepare_data_bad_input(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "bad.jsonl").write_text('{"title": "no text field"}\n')
+    cases = [("empty.txt", "empty"), ("binary.txt", "not UTF-8"), ("bad.jsonl", '"text"'), ("missing.txt", "no such")]
+    for name, fragment in cases:
+        p = run("prepare_data.py", f"--input={tmp_path / name}", f"--out_dir={tmp_path / 'out'}", ok=False)
+        assert_clean_error(p, fragment)
+        assert not (tmp_path / "out" / "train.bin").exists()
+    assert_clean_error(run("prepare_data.py", "--dataset=imagenet", ok=False), "imagenet")
+
+
+# the command of issue 3, exactly as written, with the data and output folders of the test
+TRAIN_ARGS = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=64",
+              "--block_size=64", "--batch_size=8", "--max_iters=30", "--eval_interval=10", "--eval_iters=2"]
+RUNS = {}
+
+
+def train_once(data_dir, tmp_root, residual):
+    """Train each mode once per test session; later tests reuse the run."""
+    if residual not in RUNS:
+        out = tmp_root / f"out-{residual}"
+        p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--residual={residual}", *TRAIN_ARGS)
+        RUNS[residual] = (out, p.stdout)
+    return RUNS[residual]
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.mark.parametrize("residual", ["residual", "hc", "mhc"])
+def test_train_each_mode(data_dir, tmp_root, residual):
+    out, stdout = train_once(data_dir, tmp_root, residual)
+    assert "tok/s" in stdout and "ms" in stdout
+    rows = read_log(out)
+    evals = [r for r in rows if "val_loss" in r]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20, 30]
+    assert [r["iter"] for r in steps] == [0, 10, 20, 29]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in steps)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(50304), abs=0.2)
+    if residual == "residual":
+        assert "fwd_gain" not in evals[-1]
+    else:
+        for r in evals:
+            assert len(r["gain_by_depth"]) == 4 and r["gain_by_depth"][-1] == [r["fwd_gain"], r["bwd_gain"]]
+            assert r["dist_identity"] >= 0 and r["dist_uniform"] >= 0
+        if residual == "mhc":
+            assert evals[-1]["fwd_gain"] == pytest.approx(1.0, abs=1e-4)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 30 and ckpt["model_args"]["residual"] == residual
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+
+
+def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_root, tmp_path):
+    full_out, _ = train_once(data_dir, tmp_root, "mhc")
+    out = tmp_path / "out"
+    common = [f"--data_dir={data_dir}", f"--out_dir={out}", "--residual=mhc", *TRAIN_ARGS]
+    run("train.py", *common, "--max_iters=20")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 20
+    run("train.py", *common, "--init_from=resume")
+    full = {(r["iter"], "loss" in r): r for r in read_log(full_out)}
+    resumed = {(r["iter"], "loss" in r): r for r in read_log(out)}
+    assert set(full) <= set(resumed)
+    for key, row in full.items():
+        for field in ("loss", "grad_norm", "train_loss", "val_loss", "fwd_gain", "bwd_gain", "lr"):
+            if field in row:
+                assert resumed[key][field] == pytest.approx(row[field], rel=1e-6, abs=1e-7), (key, field)
+
+
+def test_ddp_two_processes_match_one(data_dir, tmp_path):
+    args = [f"--data_dir={data_dir}", "--device=cpu", "--compile=False", "--residual=mhc", "--n_layer=2",
+            "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2",
+            "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=0",
+            "--learning_rate=1e-3"]
+    run("train.py", *args, f"--out_dir={tmp_path / 'one'}")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=HERE, capture_output=True,
+                       text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 process(es)" in p.stdout and p.stdout.count("step 4:") == 1  # only rank 0 prints
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(one) == len(two) == 3 + 4
+    for a, b in zip(one, two):
+        for field in ("loss", "grad_norm", "train_loss", "val_loss"):
+            if field in a:
+                assert b[field] == pytest.approx(a[field], rel=1e-4), field
+    assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.1  # it did train
+
+
+def test_sample_prints_text(data_dir, tmp_root):
+    out, _ = train_once(data_dir, tmp_root, "mhc")
+    p = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=12",
+            "--device=cpu", "--seed=3")
+    samples = [s for s in p.stdout.split("---------------") if s.strip()]
+    assert len(samples) == 2 and all(s.strip().startswith("ROMEO:") and len(s.strip()) > 8 for s in samples)
+    assert run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=12",
+               "--device=cpu", "--seed=3").stdout == p.stdout  # --seed makes it repeatable
+
+
+def test_train_bad_input(data_dir, tmp_root, tmp_path):
+    out, _ = train_once(data_dir, tmp_root, "mhc")
+    base = [f"--data_dir={data_dir}", *TRAIN_ARGS]
+    assert_clean_error(run("train.py", f"--data_dir={tmp_path}", ok=False), "train.bin", "prepare_data.py")
+    assert_clean_error(run("train.py", *base, "--n_layers=3", ok=False), "--n_layers", "--n_layer?")
+    assert_clean_error(run("train.py", *base, "--compile=flase", ok=False), "true or false")
+    assert_clean_error(run("train.py", *base, "--residual=mHC", ok=False), "residual, hc, mhc")
+    assert_clean_error(run("train.py", *base, "--n_streams=0", f"--out_dir={tmp_path}/x", ok=False), "n_streams")
+    assert_clean_error(run("train.py", *base, "config/missing.py", ok=False), "config/missing.py")
+    assert_clean_error(run("train.py", *base, f"--out_dir={tmp_path}/new", "--init_from=resume", ok=False),
+                       "no checkpoint")
+    # a checkpoint from another config, and a new run over an old checkpoint: refused, kept
+    before = (out / "ckpt.pt").read_bytes()
+    assert_clean_error(run("train.py", *base, f"--out_dir={out}", "--residual=hc", "--init_from=resume", ok=False),
+                       "residual='mhc'", "residual='hc'")
+    assert_clean_error(run("train.py", *base, f"--out_dir={out}", "--residual=mhc", ok=False),
+                       "already exists", "--init_from=resume")
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_root, tmp_path):
+    import shutil
+    out, _ = train_once(data_dir, tmp_root, "mhc")
+    shutil.copytree(out, tmp_path / "out")
+    p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", "--residual=mhc", *TRAIN_ARGS,
+            "--init_from=resume", "--max_iters=45", "--learning_rate=1e30", "--decay_lr=False", ok=False)
+    assert_clean_error(p, "nan", "last good checkpoint")
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 30 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

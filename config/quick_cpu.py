@@ -1,0 +1,21 @@
+# A quick run on the CPU: a small GPT on tiny Shakespeare, a few minutes on a laptop.
+#   python prepare_data.py --dataset=shakespeare
+#   python train.py config/quick_cpu.py --residual=mhc      (or residual, hc)
+out_dir = "out-quick"
+data_dir = "data/shakespeare"
+device = "cpu"
+compile = False
+eval_interval = 50
+eval_iters = 10
+log_interval = 10
+batch_size = 8
+block_size = 128
+gradient_accumulation_steps = 1
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+learning_rate = 1e-3
+max_iters = 300
+warmup_iters = 20
+min_lr = 1e-4

@@ -1,0 +1,366 @@
+"""
+Train a GPT whose residual stream is a plain residual, HC or mHC (nanoGPT's loop).
+
+One process (CPU or one GPU):
+    python train.py config/quick_cpu.py --residual=mhc
+    python train.py --residual=hc --batch_size=32 --compile=False
+Many GPUs on one node, PyTorch DDP:
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m_8gpu.py
+Many nodes: run torchrun on each with --nnodes, --node_rank, --master_addr, --master_port.
+
+Every default below can be overridden by a config file or --key=value (see configurator.py).
+The defaults are GPT-2 124M on OpenWebText, as in nanoGPT.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import mhc
+from configurator import ConfigError, configure
+from model import GPT, GPTConfig
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out",              # ckpt.pt and log.jsonl go here
+    data_dir="data/openwebtext",  # train.bin, val.bin (and meta.json) from prepare_data.py
+    init_from="scratch",        # "scratch" or "resume" (from out_dir/ckpt.pt)
+    eval_interval=2000,         # evaluate, log the gains and save a checkpoint every this many steps
+    eval_iters=200,             # batches per loss estimate
+    log_interval=10,
+    eval_only=False,
+    wandb_log=False, wandb_project="mhc-gpt", wandb_run_name="",
+    # data: each step sees batch_size * gradient_accumulation_steps * block_size tokens, whatever
+    # the number of processes (under DDP the micro-steps are shared out between the ranks)
+    batch_size=12,
+    block_size=1024,
+    gradient_accumulation_steps=1,  # config/gpt2_124m_8gpu.py: 40, for 0.5M tokens a step
+    # model
+    n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False,
+    residual="mhc",             # "residual" | "hc" | "mhc"
+    n_streams=4,                # n, the number of streams (hc, mhc)
+    sinkhorn_iters=20,          # mHC's Sinkhorn-Knopp iterations
+    res_init=6.0,               # mHC's H_res bias: diagonal logit gap at init (mhc.py)
+    # AdamW, cosine schedule with linear warmup
+    learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95,
+    grad_clip=1.0,              # 0 disables clipping (the norm is still logged)
+    decay_lr=True, warmup_iters=2000,
+    lr_decay_iters=-1,          # -1: decay over max_iters
+    min_lr=6e-5,
+    # system
+    device="auto",              # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype="auto",               # "auto" (bfloat16 on GPUs that have it), "float32", "bfloat16", "float16"
+    compile=True,               # torch.compile the model (the first steps are slow while it compiles)
+    seed=1337,
+)
+# settings a checkpoint must agree with to be resumed (dropout may change)
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
+              "residual", "n_streams", "sinkhorn_iters", "res_init")
+
+
+def die(msg):
+    """Stop with one clear line instead of a traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def get_lr(it, c):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    decay_iters = c["max_iters"] if c["lr_decay_iters"] < 0 else c["lr_decay_iters"]
+    if it < c["warmup_iters"]:
+        return c["learning_rate"] * (it + 1) / (c["warmup_iters"] + 1)
+    if it >= decay_iters:
+        return c["min_lr"]
+    ratio = (it - c["warmup_iters"]) / max(1, decay_iters - c["warmup_iters"])
+    return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
+
+
+class Data:
+    """Random windows of block_size + 1 tokens from train.bin / val.bin.
+
+    The windows of step `it` are drawn from a generator seeded by (seed, it), and each process
+    takes its own share of them: the batches are the same whatever the number of processes, and
+    a resumed run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, data_dir, block_size, batch_size, seed, device):
+        self.paths = {}
+        for split in ("train", "val"):
+            path = os.path.join(data_dir, f"{split}.bin")
+            if not os.path.exists(path):
+                die(f"{path} not found. Make it with: python prepare_data.py --dataset=shakespeare "
+                    f"--out_dir={data_dir}   (or --dataset=openwebtext, or --input=YOUR_TEXT)")
+            n = os.path.getsize(path) // 2
+            if n < block_size + 1:
+                die(f"{path} has {n} tokens, fewer than block_size+1={block_size + 1}; "
+                    f"use a smaller --block_size or more text")
+            self.paths[split] = path
+        meta_path = os.path.join(data_dir, "meta.json")
+        self.meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
+
+    def windows(self, split, count, key):
+        n = os.path.getsize(self.paths[split]) // 2
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+        return torch.randint(n - self.block_size, (count,), generator=g)
+
+    def batch(self, split, starts):
+        # a fresh memmap per batch: a long-lived one grows the process's memory (nanoGPT's note)
+        data = np.memmap(self.paths[split], dtype=np.uint16, mode="r")
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in starts])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in starts])
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+def main(argv):
+    c = dict(DEFAULTS)
+    try:
+        configure(c, argv)
+    except ConfigError as e:
+        die(e)
+    for key, allowed in (("residual", mhc.RESIDUAL_MODES), ("init_from", ("scratch", "resume")),
+                         ("dtype", ("auto", "float32", "bfloat16", "float16"))):
+        if c[key] not in allowed:
+            die(f"--{key}={c[key]} is not known; use one of: {', '.join(allowed)}")
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
+                "eval_iters", "log_interval"):
+        if c[key] < 1:
+            die(f"--{key}={c[key]} must be at least 1")
+
+    # --- processes and devices ---------------------------------------------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
+    if ddp:
+        import torch.distributed as dist
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        use_cuda = c["device"] != "cpu" and torch.cuda.is_available()
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    else:
+        rank, world = 0, 1
+        device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            die(f"--device={device} but PyTorch sees no CUDA GPU; use --device=cpu")
+    master = rank == 0
+    if c["gradient_accumulation_steps"] % world != 0:
+        die(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible by "
+            f"the number of processes ({world})")
+    accum = c["gradient_accumulation_steps"] // world  # micro-steps per process
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = c["dtype"]
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    # bf16/fp16 autocast for the sublayers; mhc.py keeps the stream and its maps in fp32
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device)
+    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
+    if master:
+        os.makedirs(c["out_dir"], exist_ok=True)
+        print(f"{world} process(es) on {device}, {dtype}; {tokens_per_iter:,} tokens per step")
+
+    # --- model, optimizer, resume -------------------------------------------------------------
+    vocab = data.meta.get("vocab_size", 50257)
+    c["vocab_size"] = 64 * math.ceil(vocab / 64)  # pad GPT-2's 50257 to 50304 for speed
+    model_args = {k: c[k] for k in MODEL_KEYS}
+    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
+    log_path = os.path.join(c["out_dir"], "log.jsonl")
+    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    if c["init_from"] == "resume":
+        if not os.path.exists(ckpt_path):
+            die(f"--init_from=resume but there is no checkpoint at {ckpt_path}; train from scratch first")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # CPU: no GPU copy kept
+        diff = [k for k in MODEL_KEYS if ckpt["model_args"].get(k) != model_args[k]]
+        if diff:
+            was = ", ".join(f"{k}={ckpt['model_args'].get(k)!r}" for k in diff)
+            now = ", ".join(f"{k}={model_args[k]!r}" for k in diff)
+            die(f"{ckpt_path} was trained with {was} but this run asks for {now}; "
+                f"resume with the same settings (and config file), or use another --out_dir")
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    elif os.path.exists(ckpt_path) and not c["eval_only"]:
+        die(f"{ckpt_path} already exists; continue it with --init_from=resume, "
+            f"or train into another --out_dir")
+    torch.manual_seed(c["seed"])  # the same initial weights in every process and every run
+    try:
+        model = GPT(GPTConfig(**model_args, dropout=c["dropout"]))
+    except ValueError as e:
+        die(e)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        del ckpt  # free the CPU copy
+    raw_model = model
+    if master:
+        print(f"{c['residual']} model: {model.get_num_params() / 1e6:.2f}M parameters "
+              f"({model.num_connection_params():,} in the connections)")
+    if c["compile"]:
+        if master:
+            print("compiling the model... (the first step takes a while)")
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    # --- logging ---------------------------------------------------------------------------------
+    wandb = None
+    if master:
+        rows = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
+        if c["init_from"] == "resume":  # keep the log as the uninterrupted run would have it
+            rows = [r for r in rows if r.get("iter", 0) < iter_num]
+        elif rows:
+            os.replace(log_path, log_path + ".prev")  # never lose an old log
+            rows = []
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(log_path + ".tmp", log_path)
+        if c["wandb_log"]:
+            try:
+                import wandb
+            except ImportError:
+                die("--wandb_log=True needs wandb: pip install wandb")
+            wandb.init(project=c["wandb_project"], name=c["wandb_run_name"] or None, config=c)
+
+    def log(row):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if wandb is not None:
+                wandb.log(row, step=row["iter"])
+
+    def all_mean(t):
+        if ddp:
+            dist.all_reduce(t)
+            t /= world
+        return t
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over the same eval_iters batches at every eval (a fixed generator per
+        split), shared out between the processes and summed across them."""
+        out = {}
+        model.eval()
+        for key, split in enumerate(("train", "val")):
+            starts = data.windows(split, c["eval_iters"] * c["batch_size"], key=-1 - key)
+            total = torch.zeros(2, device=device)
+            for k in range(rank, c["eval_iters"], world):
+                X, Y = data.batch(split, starts[k * c["batch_size"]:(k + 1) * c["batch_size"]])
+                with ctx:
+                    _, loss = model(X, Y)
+                total += torch.stack([loss.float(), torch.ones((), device=device)])
+            if ddp:
+                dist.all_reduce(total)
+            out[split] = (total[0] / total[1]).item()
+        model.train()
+        return out
+
+    @torch.no_grad()
+    def stream_diagnostics():
+        """Gains and distances of the composite H_res (mhc.py), on the first val batch."""
+        X, _ = data.batch("val", data.windows("val", c["batch_size"], key=-1)[:c["batch_size"]])
+        raw_model.eval()
+        with ctx:
+            mats = raw_model.mixing_matrices(X)
+        raw_model.train()
+        fwd, bwd = mhc.gain_magnitude(mats)
+        to_id, to_unif = mhc.composite_distance(mats)
+        by_depth = [list(mhc.gain_magnitude(mats[:d + 1])) for d in range(len(mats))]
+        return dict(fwd_gain=fwd, bwd_gain=bwd, dist_identity=to_id, dist_uniform=to_unif,
+                    gain_by_depth=by_depth)
+
+    # --- the loop --------------------------------------------------------------------------------
+    t0, last_log_iter, start_iter, running_mfu = time.time(), iter_num, iter_num, -1.0
+    while True:
+        lr = get_lr(iter_num, c) if c["decay_lr"] else c["learning_rate"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"] or c["eval_only"]:
+            losses = estimate_loss()
+            row = dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr,
+                       tokens=iter_num * tokens_per_iter)
+            if not all(map(math.isfinite, losses.values())):
+                die(f"the loss is {losses['val']} at iter {iter_num}; stopping. The last good checkpoint "
+                    f"stays in {ckpt_path}. Try a lower --learning_rate, --grad_clip=1.0 or --dtype=bfloat16")
+            if master:
+                if c["residual"] != "residual":
+                    row.update(stream_diagnostics())
+                gains = f", gain fwd {row['fwd_gain']:.3g} bwd {row['bwd_gain']:.3g}" if "fwd_gain" in row else ""
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{gains}")
+                log(row)
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > 0 and not c["eval_only"]:
+                    save_atomic(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                     scaler=scaler.state_dict(), model_args=model_args, iter_num=iter_num,
+                                     best_val_loss=best_val_loss, config=c), ckpt_path)
+        if iter_num >= c["max_iters"] or c["eval_only"]:
+            break
+
+        # One optimizer step = gradient_accumulation_steps micro-batches, shared by the processes.
+        # The RNG (dropout) is reseeded from (seed, step, rank), so a resumed run repeats exactly.
+        torch.manual_seed(c["seed"] + 7919 * iter_num + rank)
+        starts = data.windows("train", c["gradient_accumulation_steps"] * c["batch_size"], key=iter_num)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            k = rank * accum + micro
+            X, Y = data.batch("train", starts[k * c["batch_size"]:(k + 1) * c["batch_size"]])
+            if ddp:  # all-reduce the gradients only on the last micro-step (set before the forward)
+                model.require_backward_grad_sync = micro == accum - 1
+            with ctx:
+                _, loss = model(X, Y)
+                loss = loss / accum
+            loss_sum += loss.detach().float()
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"] if c["grad_clip"] > 0 else math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+
+        if (iter_num - 1) % c["log_interval"] == 0 or iter_num == c["max_iters"]:
+            loss_val = all_mean(loss_sum).item()  # the step's mean loss over all processes
+            if not math.isfinite(loss_val):
+                die(f"the training loss is {loss_val} at iter {iter_num - 1}; stopping. The last good "
+                    f"checkpoint stays in {ckpt_path}. Try a lower --learning_rate or --dtype=bfloat16")
+            dt = (time.time() - t0) / (iter_num - last_log_iter)
+            t0, last_log_iter = time.time(), iter_num
+            mfu = raw_model.estimate_mfu(c["batch_size"] * accum, dt, device)
+            if mfu is not None and iter_num - start_iter > 5:  # skip the compile / warm-up steps
+                running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+            row = dict(iter=iter_num - 1, loss=loss_val, lr=lr, grad_norm=grad_norm.item(),
+                       ms=1000 * dt, tokens_per_s=tokens_per_iter / dt, mfu=running_mfu if running_mfu >= 0 else None)
+            if master:
+                note = "  (includes compilation)" if iter_num - start_iter == 1 and c["compile"] else ""
+                mfu_text = f", mfu {running_mfu:.1%}" if running_mfu >= 0 else ""
+                print(f"iter {iter_num - 1}: loss {loss_val:.4f}, lr {lr:.2e}, grad norm {row['grad_norm']:.3f}, "
+                      f"{1000 * dt:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s{mfu_text}{note}", flush=True)
+                log(row)
+
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
