@@ -20,12 +20,32 @@ backward. sinkhorn_kernel.py holds the fast Triton versions; the tests check the
 Stream tensors are laid out as [..., n, C] (e.g. [B, T, n, C]).
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # the Triton kernels; without Triton (Windows, macOS) the PyTorch path below still trains
+    import sinkhorn_kernel as triton_kernels
+except ImportError:
+    triton_kernels = None
+
 RESIDUAL_MODES = ("residual", "hc", "mhc")
+KERNELS = ("auto", "triton", "torch")
+
+
+def use_triton(kernel, x):
+    """kernel="torch": this file's reference code; "triton": sinkhorn_kernel.py; "auto": Triton
+    on CUDA tensors, the reference elsewhere."""
+    if kernel == "torch" or (kernel == "auto" and not (x.is_cuda and triton_kernels is not None)):
+        return False
+    if triton_kernels is None:
+        raise RuntimeError("kernel='triton' but Triton is not installed: pip install triton, or use kernel='torch'")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("kernel='triton' needs a CUDA GPU; use kernel='torch' on the CPU "
+                           "(or set TRITON_INTERPRET=1 to run the kernels, slowly, in Triton's interpreter)")
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +76,21 @@ def sinkhorn(logits, iters=20):
 
 # ----------------------------------------------------------------------------------------------
 # The connection around one sublayer: Eq. (1). HC and mHC differ only in how they make the maps.
+# The stream products run outside autocast: under bf16 autocast an einsum would round the
+# residual stream itself to bf16 at every sublayer. Only the sublayer F runs in bf16.
+
+def stream_pre(x, H_pre):
+    """The sublayer's input H_pre . x: x [..., n, C], H_pre [..., n] -> [..., C]."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.einsum("...i,...ic->...c", H_pre.to(x.dtype), x)
+
+
+def stream_post(x, y, H_res, H_post):
+    """The next stream H_res . x + H_post^T y: x [..., n, C], y [..., C] -> [..., n, C]."""
+    with torch.autocast(x.device.type, enabled=False):
+        mixed = torch.einsum("...ij,...jc->...ic", H_res.to(x.dtype), x)
+        return mixed + H_post.to(x.dtype).unsqueeze(-1) * y.to(x.dtype).unsqueeze(-2)
+
 
 class Connection(nn.Module):
     """Wraps any sublayer F: [..., C] -> [..., C] as x_next = H_res x + H_post^T F(H_pre x).
@@ -66,9 +101,11 @@ class Connection(nn.Module):
     matrices only), as the HC paper asks for the static parts.
     """
 
-    def __init__(self, n, C):
+    def __init__(self, n, C, kernel="torch"):
         super().__init__()
-        self.n, self.C = n, C
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not known; use one of {', '.join(KERNELS)}")
+        self.n, self.C, self.kernel = n, C, kernel
 
     def split(self, h):
         """[..., 2n + n^2] -> ([..., n], [..., n], [..., n, n])."""
@@ -77,15 +114,11 @@ class Connection(nn.Module):
         return pre, post, res.unflatten(-1, (n, n))
 
     def forward(self, x, sublayer):
-        H_pre, H_post, H_res = (H.to(x.dtype) for H in self.maps(x))
-        # The stream products run outside autocast: under bf16 autocast an einsum would round
-        # the residual stream itself to bf16 at every sublayer. Only the sublayer runs in bf16.
-        with torch.autocast(x.device.type, enabled=False):
-            layer_in = torch.einsum("...i,...ic->...c", H_pre, x)                 # H_pre . x
-        y = sublayer(layer_in)
-        with torch.autocast(x.device.type, enabled=False):
-            mixed = torch.einsum("...ij,...jc->...ic", H_res, x)                  # H_res . x
-            return mixed + H_post.unsqueeze(-1) * y.to(x.dtype).unsqueeze(-2)     # + H_post^T y
+        H_pre, H_post, H_res = self.maps(x)
+        K = triton_kernels if use_triton(self.kernel, x) else None
+        pre, post = (K.stream_pre, K.stream_post) if K else (stream_pre, stream_post)
+        y = sublayer(pre(x, H_pre))
+        return post(x, y, H_res, H_post)
 
 
 class HyperConnection(Connection):
@@ -99,8 +132,8 @@ class HyperConnection(Connection):
     then exactly the residual GPT. HC has no constraint: its maps can grow without bound.
     """
 
-    def __init__(self, n, C, layer_id):
-        super().__init__(n, C)
+    def __init__(self, n, C, layer_id, kernel="torch"):
+        super().__init__(n, C, kernel)
         self.W = nn.Parameter(torch.zeros(C, n + 2))   # per stream: [pre, post, res column]
         self.s = nn.Parameter(torch.full((3,), 0.01))   # scales of pre, post, res
         b_pre = F.one_hot(torch.tensor(layer_id % n), n).float()
@@ -142,8 +175,8 @@ class ManifoldHyperConnection(Connection):
     equal until phi and the biases learn to tell them apart.
     """
 
-    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0):
-        super().__init__(n, C)
+    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch"):
+        super().__init__(n, C, kernel)
         self.sinkhorn_iters = sinkhorn_iters
         self.phi = nn.Parameter(torch.randn(n * C, 2 * n + n * n) / math.sqrt(n * C))
         self.alpha = nn.Parameter(torch.full((3,), 0.01))  # gates of pre, post, res
@@ -159,16 +192,17 @@ class ManifoldHyperConnection(Connection):
             b_pre, b_post, b_res = self.split(self.b)
             H_pre = torch.sigmoid(self.alpha[0] * h_pre + b_pre)                      # Eq. (3, 4)
             H_post = 2 * torch.sigmoid(self.alpha[1] * h_post + b_post)
-            H_res = sinkhorn(self.alpha[2] * h_res + b_res, self.sinkhorn_iters)
+            project = triton_kernels.sinkhorn if use_triton(self.kernel, x) else sinkhorn
+            H_res = project(self.alpha[2] * h_res + b_res, self.sinkhorn_iters)
         return H_pre, H_post, H_res
 
 
-def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0):
+def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch"):
     """The connection for sublayer `layer_id` (0, 1, 2, ... in depth order)."""
     if residual == "hc":
-        return HyperConnection(n, C, layer_id)
+        return HyperConnection(n, C, layer_id, kernel)
     if residual == "mhc":
-        return ManifoldHyperConnection(n, C, layer_id, sinkhorn_iters, res_init)
+        return ManifoldHyperConnection(n, C, layer_id, sinkhorn_iters, res_init, kernel)
     raise ValueError(f"residual must be one of {RESIDUAL_MODES} to build a connection, got {residual!r}")
 
 

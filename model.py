@@ -29,11 +29,14 @@ class GPTConfig:
     n_streams: int = 4        # n, the expansion rate (ignored by "residual", which is n = 1)
     sinkhorn_iters: int = 20  # t_max of the mHC Sinkhorn-Knopp projection
     res_init: float = 6.0     # mHC: diagonal logit gap of the H_res bias at init (see mhc.py)
+    kernel: str = "auto"      # "auto" (Triton on CUDA), "triton" or "torch" (mhc.py's reference)
 
     def __post_init__(self):
         if self.residual not in mhc.RESIDUAL_MODES:
             raise ValueError(f"residual={self.residual!r} is not known; use one of "
                              f"{', '.join(mhc.RESIDUAL_MODES)}")
+        if self.kernel not in mhc.KERNELS:
+            raise ValueError(f"kernel={self.kernel!r} is not known; use one of {', '.join(mhc.KERNELS)}")
         for name in ("n_streams", "sinkhorn_iters", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -104,7 +107,7 @@ class Block(nn.Module):
         self.streams = config.residual != "residual"
         if self.streams:
             args = (config.residual, config.n_streams, config.n_embd)
-            kw = dict(sinkhorn_iters=config.sinkhorn_iters, res_init=config.res_init)
+            kw = dict(sinkhorn_iters=config.sinkhorn_iters, res_init=config.res_init, kernel=config.kernel)
             self.conn_attn = mhc.make_connection(*args, layer_id=2 * layer_idx, **kw)
             self.conn_mlp = mhc.make_connection(*args, layer_id=2 * layer_idx + 1, **kw)
 

@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # run the Triton kernels in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import mhc
 from model import GPT, GPTConfig
+
+triton_kernels = mhc.triton_kernels
+needs_triton = pytest.mark.skipif(triton_kernels is None, reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(HERE, "assets", "tinyshakespeare.txt")  # same text as ../shared/data's
@@ -285,6 +292,116 @@ def test_generate_returns_requested_tokens():
         idx = torch.randint(0, 50257, (2, 5))
         out = model.generate(idx, 40, temperature=0.9, top_k=10)  # runs past block_size (32)
         assert out.shape == (2, 45) and torch.equal(out[:, :5], idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernels (sinkhorn_kernel.py) against the float64 reference of mhc.py
+
+def max_rel_err(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_kernel_sinkhorn_forward_and_backward(n, scale):
+    torch.manual_seed(n)
+    count = 37 if n <= 4 else 9  # not a multiple of the kernel's block of matrices
+    logits = scale * torch.randn(count, n, n) if scale == 1.0 else 100.0 * torch.randint(-1, 2, (count, n, n)).float()
+    logits = logits.to(DEVICE).requires_grad_()
+    H = triton_kernels.sinkhorn(logits, 20)
+    ref_in = logits.detach().double().requires_grad_()
+    ref = mhc.sinkhorn(ref_in, 20)
+    assert H.dtype == torch.float32 and torch.isfinite(H).all()
+    assert (H.double() - ref).abs().max() < 2e-5
+    torch.testing.assert_close(H.sum(-1), torch.ones_like(H.sum(-1)), atol=1e-5, rtol=0)
+    g = torch.randn(count, n, n, device=DEVICE)
+    H.backward(g)
+    ref.backward(g.double())
+    assert torch.isfinite(logits.grad).all()
+    assert max_rel_err(logits.grad, ref_in.grad) < 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize("iters", [1, 3])
+def test_kernel_sinkhorn_iterations_and_shapes(iters):
+    torch.manual_seed(iters)
+    logits = (2 * torch.randn(2, 3, 4, 4, device=DEVICE)).requires_grad_()  # any leading dims
+    H = triton_kernels.sinkhorn(logits, iters)
+    ref_in = logits.detach().double().requires_grad_()
+    ref = mhc.sinkhorn(ref_in, iters)
+    assert H.shape == logits.shape and (H.double() - ref).abs().max() < 1e-6
+    H.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    assert max_rel_err(logits.grad, ref_in.grad) < 1e-4
+    with pytest.raises(ValueError, match="iters"):
+        triton_kernels.sinkhorn(logits, 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("n,C,M", [(1, 7, 3), (2, 33, 5), (3, 130, 9), (4, 96, 11), (8, 20, 4)])
+def test_kernel_stream_mixing_forward_and_backward(n, C, M):
+    # C = 130 > 128 makes the backward loop over two chunks of channels, one of them partial
+    torch.manual_seed(n)
+    inputs = [torch.randn(M, n, C), torch.randn(M, C), torch.rand(M, n), torch.rand(M, n, n), 2 * torch.rand(M, n)]
+    ours = [t.to(DEVICE).requires_grad_() for t in inputs]
+    refs = [t.detach().double().requires_grad_() for t in inputs]
+    weight = torch.randn(M, n, C, dtype=torch.float64)
+    results = []
+    for (x, y, h_pre, h_res, h_post), fns in ((ours, triton_kernels), (refs, mhc)):
+        layer_in = fns.stream_pre(x, h_pre)
+        out = fns.stream_post(x, y, h_res, h_post)
+        (layer_in.double().pow(2).sum() + (out.double() * weight.to(out.device)).sum()).backward()
+        results.append([layer_in, out])
+    for got, ref in zip(results[0], results[1]):
+        assert max_rel_err(got, ref) < 1e-5
+    for got, ref in zip(ours, refs):
+        assert max_rel_err(got.grad, ref.grad) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_model_same_loss_and_gradients_with_triton_and_torch(residual):
+    cfg = dict(TINY, n_layer=1, block_size=16, n_streams=3 if residual == "hc" else 4)
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(residual=residual, kernel="torch", **cfg)).to(DEVICE)
+    tri = GPT(GPTConfig(residual=residual, kernel="triton", **cfg)).to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # move off the init so every coefficient path matters
+        for m in (ref, tri):
+            torch.manual_seed(1)
+            for conn in m.connections():
+                for p in conn.parameters():
+                    p.add_(0.2 * torch.randn_like(p))
+    idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
+    _, loss_ref = ref(idx, idx)
+    _, loss_tri = tri(idx, idx)
+    loss_ref.backward()
+    loss_tri.backward()
+    assert loss_tri.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
+        assert max_rel_err(q.grad, p.grad.double()) < 1e-3, name
+
+
+@needs_triton
+def test_kernels_are_opaque_to_torch_compile():
+    # fullgraph=True fails on any graph break; the Sinkhorn loop must not be traced
+    for op in (torch.ops.mhc.sinkhorn_fwd, torch.ops.mhc.stream_pre, torch.ops.mhc.stream_post):
+        assert isinstance(op.default, torch._ops.OpOverload)
+    torch.library.opcheck(torch.ops.mhc.sinkhorn_fwd.default, (torch.randn(3, 4, 4, device=DEVICE, requires_grad=True), 3))
+    x = torch.randn(5, 4, 8, device=DEVICE, requires_grad=True)
+    h = torch.rand(5, 4, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.mhc.stream_pre.default, (x, h))
+
+    def f(logits, x, y):
+        H = triton_kernels.sinkhorn(logits, 5)
+        return triton_kernels.stream_post(x, triton_kernels.stream_pre(x, H[..., 0]), H, H[..., 1]).sum()
+
+    args = (torch.randn(5, 4, 4, device=DEVICE, requires_grad=True), x, torch.randn(5, 8, device=DEVICE))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(*args)
+    loss.backward()
+    assert loss.item() == pytest.approx(f(*args).item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

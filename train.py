@@ -46,6 +46,7 @@ DEFAULTS = dict(
     n_streams=4,                # n, the number of streams (hc, mhc)
     sinkhorn_iters=20,          # mHC's Sinkhorn-Knopp iterations
     res_init=6.0,               # mHC's H_res bias: diagonal logit gap at init (mhc.py)
+    kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
     # AdamW, cosine schedule with linear warmup
     learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,              # 0 disables clipping (the norm is still logged)
@@ -170,6 +171,12 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    if c["kernel"] == "triton" and c["residual"] != "residual":
+        if mhc.triton_kernels is None:
+            die("--kernel=triton but Triton is not installed: pip install triton, or use --kernel=torch")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            die("--kernel=triton needs a CUDA GPU; use --kernel=torch on the CPU")
+
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     if master:
@@ -199,7 +206,7 @@ def main(argv):
             f"or train into another --out_dir")
     torch.manual_seed(c["seed"])  # the same initial weights in every process and every run
     try:
-        model = GPT(GPTConfig(**model_args, dropout=c["dropout"]))
+        model = GPT(GPTConfig(**model_args, dropout=c["dropout"], kernel=c["kernel"]))
     except ValueError as e:
         die(e)
     if ckpt is not None:

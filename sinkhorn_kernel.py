@@ -1,0 +1,372 @@
+"""
+Triton kernels for the mHC hot path, registered with torch.library so that torch.compile sees
+each one as a single opaque op (no graph break, no tracing of the Sinkhorn loop).
+
+    sinkhorn(logits, iters=20)                 the projection of mhc.sinkhorn, forward and backward
+    stream_pre(x, H_pre)                       layer_in = H_pre . x                 (Eq. 1, read)
+    stream_post(x, y, H_res, H_post)           x_next = H_res . x + H_post^T y      (Eq. 1, write)
+
+mhc.py is the reference these are tested against (test_mhc.py, float64 oracle; on a CPU the
+kernels run in Triton's interpreter, TRITON_INTERPRET=1).
+
+The Sinkhorn works on the log-domain *potentials* of mhc.sinkhorn: with a (rows) and b (columns),
+
+    b_j = logsumexp_i(L_ij - a_i)    (T_c: columns sum to 1)
+    a_i = logsumexp_j(L_ij - b_j)    (T_r: rows sum to 1)          repeated `iters` times,
+    H   = exp(L_ij - a_i - b_j).
+
+That is the paper's iteration exactly (dividing by a sum is subtracting its log), stable at any
+logit size. The backward is the exact gradient of the unrolled iterations: it recomputes the
+forward on chip, keeping the 2 * iters potential vectors in registers (not in memory), and walks
+back through them. A half-step y = x - logsumexp(x) has the vector-Jacobian product
+g_x = g_y - exp(y) * sum(g_y) along the normalized axis, so each step needs only its own output.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp
+
+@triton.jit
+def _lse(x, valid, axis: tl.constexpr):
+    """logsumexp along `axis`, 0 where `valid` is false (padding: all -inf)."""
+    m = tl.max(x, axis=axis)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    if axis == 1:
+        s = tl.sum(tl.exp(x - m[:, None, :]), axis=1)
+    else:
+        s = tl.sum(tl.exp(x - m[:, :, None]), axis=2)
+    return tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)
+
+
+@triton.jit
+def _load_logits(L_ptr, pid, N, n: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """A [BLOCK, NP, NP] tile of matrices (padding = -inf) and the masks of its rows/columns."""
+    m = pid * BLOCK + tl.arange(0, BLOCK)
+    i = tl.arange(0, NP)
+    offs = m[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
+    mask = (m[:, None, None] < N) & (i[None, :, None] < n) & (i[None, None, :] < n)
+    L = tl.load(L_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    valid = (m[:, None] < N) & (i[None, :] < n)  # [BLOCK, NP]: a real row (or column)
+    return L, offs, mask, valid
+
+
+@triton.jit
+def _sinkhorn_fwd_kernel(L_ptr, H_ptr, N, n: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    L, offs, mask, valid = _load_logits(L_ptr, pid, N, n, NP, BLOCK)
+    a = tl.zeros((BLOCK, NP), dtype=tl.float32)
+    b = tl.zeros((BLOCK, NP), dtype=tl.float32)
+    for _ in range(ITERS):
+        b = _lse(L - a[:, :, None], valid, 1)   # columns
+        a = _lse(L - b[:, None, :], valid, 2)   # rows
+    H = tl.exp(L - a[:, :, None] - b[:, None, :])
+    tl.store(H_ptr + offs, H, mask=mask)
+
+
+@triton.jit
+def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, N, n: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
+                         TP: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    L, offs, mask, valid = _load_logits(L_ptr, pid, N, n, NP, BLOCK)
+    # forward again, keeping the potentials of every iteration: hist[:, t, :] = a_t (or b_t)
+    t_idx = tl.arange(0, TP)[None, :, None]
+    a_hist = tl.zeros((BLOCK, TP, NP), dtype=tl.float32)
+    b_hist = tl.zeros((BLOCK, TP, NP), dtype=tl.float32)
+    a = tl.zeros((BLOCK, NP), dtype=tl.float32)
+    b = tl.zeros((BLOCK, NP), dtype=tl.float32)
+    for t in range(ITERS):
+        b = _lse(L - a[:, :, None], valid, 1)
+        a = _lse(L - b[:, None, :], valid, 2)
+        a_hist = tl.where(t_idx == t, a[:, None, :], a_hist)
+        b_hist = tl.where(t_idx == t, b[:, None, :], b_hist)
+    # dL/dstate of the output: H = exp(state), so g_state = g_H * H
+    G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    G = G * tl.exp(L - a[:, :, None] - b[:, None, :])
+    for k in range(ITERS):
+        t = ITERS - 1 - k
+        a_t = tl.sum(tl.where(t_idx == t, a_hist, 0.0), axis=1)
+        b_t = tl.sum(tl.where(t_idx == t, b_hist, 0.0), axis=1)
+        a_prev = tl.sum(tl.where(t_idx == t - 1, a_hist, 0.0), axis=1)  # zeros before the first
+        # row step t: its output is L - a_t - b_t
+        P = tl.exp(L - a_t[:, :, None] - b_t[:, None, :])
+        G = G - P * tl.sum(G, axis=2)[:, :, None]
+        # column step t: its output is L - a_{t-1} - b_t
+        P = tl.exp(L - a_prev[:, :, None] - b_t[:, None, :])
+        G = G - P * tl.sum(G, axis=1)[:, None, :]
+    tl.store(dL_ptr + offs, G, mask=mask)
+
+
+def _sinkhorn_launch_args(N, n, iters):
+    NP = triton.next_power_of_2(n)
+    BLOCK = max(1, min(64, 512 // (NP * NP)))
+    return NP, BLOCK, (triton.cdiv(N, BLOCK),)
+
+
+@torch.library.custom_op("mhc::sinkhorn_fwd", mutates_args=())
+def sinkhorn_fwd(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    n = logits.shape[-1]
+    L = logits.reshape(-1, n, n).contiguous()
+    H = torch.empty(L.shape, dtype=torch.float32, device=L.device)
+    NP, BLOCK, grid = _sinkhorn_launch_args(L.shape[0], n, iters)
+    if L.shape[0] > 0:
+        _sinkhorn_fwd_kernel[grid](L, H, L.shape[0], n=n, NP=NP, ITERS=iters, BLOCK=BLOCK)
+    return H.view(logits.shape)
+
+
+@sinkhorn_fwd.register_fake
+def _(logits, iters):
+    return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+
+
+@torch.library.custom_op("mhc::sinkhorn_bwd", mutates_args=())
+def sinkhorn_bwd(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.Tensor:
+    n = logits.shape[-1]
+    L = logits.reshape(-1, n, n).contiguous()
+    G = grad.reshape(-1, n, n).contiguous()
+    dL = torch.empty(L.shape, dtype=torch.float32, device=L.device)
+    NP, BLOCK, grid = _sinkhorn_launch_args(L.shape[0], n, iters)
+    BLOCK = max(1, BLOCK // 2)  # the backward keeps the potentials' history in registers too
+    grid = (triton.cdiv(L.shape[0], BLOCK),)
+    if L.shape[0] > 0:
+        _sinkhorn_bwd_kernel[grid](L, G, dL, L.shape[0], n=n, NP=NP, ITERS=iters,
+                                   TP=triton.next_power_of_2(iters), BLOCK=BLOCK)
+    return dL.view(logits.shape).to(logits.dtype)
+
+
+@sinkhorn_bwd.register_fake
+def _(grad, logits, iters):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _sinkhorn_setup(ctx, inputs, output):
+    logits, iters = inputs
+    ctx.save_for_backward(logits)  # only the logits: the iterates are recomputed on chip
+    ctx.iters = iters
+
+
+def _sinkhorn_backward(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    return sinkhorn_bwd(grad, logits, ctx.iters), None
+
+
+torch.library.register_autograd("mhc::sinkhorn_fwd", _sinkhorn_backward, setup_context=_sinkhorn_setup)
+
+
+def sinkhorn(logits, iters=20):
+    """Same signature and meaning as mhc.sinkhorn: the doubly stochastic projection of the
+    last two dims [..., n, n], `iters` column-then-row normalizations, fp32 result."""
+    if iters < 1:
+        raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
+    if logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn: expected square matrices [..., n, n], got shape {tuple(logits.shape)}")
+    return sinkhorn_fwd(logits.float(), int(iters))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stream mixing: the read (pre) and the write (post) of Eq. 1, over x [M, n, C] (M tokens).
+# Each program takes BM tokens; x is read once per C-chunk as a [BM, NP, BC] tile and the small
+# n-axis sums stay in registers. The backward passes loop over C inside the program, so the
+# coefficient gradients (sums over C) are reduced on chip and written once, without atomics.
+
+@triton.jit
+def _tile(ptr, m, c, M, C, n: tl.constexpr, NP: tl.constexpr):
+    """Load the [BM, NP, BC] tile x[m, :, c] of a [M, n, C] tensor, as fp32 (padding = 0)."""
+    i = tl.arange(0, NP)
+    offs = m[:, None, None] * (n * C) + i[None, :, None] * C + c[None, None, :]
+    mask = (m[:, None, None] < M) & (i[None, :, None] < n) & (c[None, None, :] < C)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask
+
+
+@triton.jit
+def _coef(ptr, m, M, n: tl.constexpr, NP: tl.constexpr, stride: tl.constexpr, step: tl.constexpr, start):
+    """Load [BM, NP] coefficients ptr[m * stride + start + k * step] for k < n (padding = 0)."""
+    k = tl.arange(0, NP)
+    mask = (m[:, None] < M) & (k[None, :] < n)
+    return tl.load(ptr + m[:, None] * stride + start + k[None, :] * step, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre_fwd_kernel(x_ptr, h_ptr, out_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                    BM: tl.constexpr, BC: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+    h = _coef(h_ptr, m, M, n, NP, n, 1, 0)                                  # H_pre [BM, NP]
+    out = tl.sum(h[:, :, None] * x, axis=1)                                 # H_pre . x
+    tl.store(out_ptr + m[:, None] * C + c[None, :], out, mask=(m[:, None] < M) & (c[None, :] < C))
+
+
+@triton.jit
+def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                    BM: tl.constexpr, BC: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    h = _coef(h_ptr, m, M, n, NP, n, 1, 0)
+    dh = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x, offs, mask = _tile(x_ptr, m, c, M, C, n, NP)
+        g = tl.load(g_ptr + m[:, None] * C + c[None, :], mask=(m[:, None] < M) & (c[None, :] < C), other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, h[:, :, None] * g[:, None, :], mask=mask)   # dx = H_pre^T g
+        dh += tl.sum(x * g[:, None, :], axis=2)                             # dH_pre = x . g
+    k = tl.arange(0, NP)
+    tl.store(dh_ptr + m[:, None] * n + k[None, :], dh, mask=(m[:, None] < M) & (k[None, :] < n))
+
+
+@triton.jit
+def _post_fwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, out_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                     BM: tl.constexpr, BC: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+    mc = (m[:, None] < M) & (c[None, :] < C)
+    y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+    for i in tl.static_range(n):
+        h_row = _coef(hres_ptr, m, M, n, NP, n * n, 1, i * n)               # H_res[i, :]
+        h_post = tl.load(hpost_ptr + m * n + i, mask=m < M, other=0.0)
+        out_i = tl.sum(h_row[:, :, None] * x, axis=1) + h_post[:, None] * y   # stream i of Eq. 1
+        tl.store(out_ptr + m[:, None] * (n * C) + i * C + c[None, :], out_i, mask=mc)
+
+
+@triton.jit
+def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, dhres_ptr, dhpost_ptr, M, C,
+                     n: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    k = tl.arange(0, NP)
+    h_post = _coef(hpost_ptr, m, M, n, NP, n, 1, 0)
+    dh_res = tl.zeros((BM, NP, NP), dtype=tl.float32)   # [token, i, j]
+    dh_post = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        mc = (m[:, None] < M) & (c[None, :] < C)
+        g, offs, mask = _tile(g_ptr, m, c, M, C, n, NP)                     # dL/dx_next [BM, i, BC]
+        y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+        tl.store(dy_ptr + m[:, None] * C + c[None, :], tl.sum(h_post[:, :, None] * g, axis=1), mask=mc)
+        dh_post += tl.sum(g * y[:, None, :], axis=2)                       # dH_post[i] = g_i . y
+        for j in tl.static_range(n):
+            h_col = _coef(hres_ptr, m, M, n, NP, n * n, n, j)               # H_res[:, j]
+            tl.store(dx_ptr + m[:, None] * (n * C) + j * C + c[None, :],
+                     tl.sum(h_col[:, :, None] * g, axis=1), mask=mc)       # dx_j = sum_i H_res[i, j] g_i
+            x_j = tl.load(x_ptr + m[:, None] * (n * C) + j * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+            d_col = tl.sum(g * x_j[:, None, :], axis=2)                     # dH_res[:, j] = g_i . x_j
+            dh_res += tl.where(k[None, None, :] == j, d_col[:, :, None], 0.0)
+    mk = (m[:, None] < M) & (k[None, :] < n)
+    tl.store(dhpost_ptr + m[:, None] * n + k[None, :], dh_post, mask=mk)
+    offs_r = m[:, None, None] * (n * n) + k[None, :, None] * n + k[None, None, :]
+    mask_r = (m[:, None, None] < M) & (k[None, :, None] < n) & (k[None, None, :] < n)
+    tl.store(dhres_ptr + offs_r, dh_res, mask=mask_r)
+
+
+def _stream_blocks(n, C, elems=2048):
+    """Tile sizes: BM tokens x NP streams x BC channels of about `elems` values."""
+    NP = triton.next_power_of_2(n)
+    BC = min(triton.next_power_of_2(C), 128)
+    BM = max(1, elems // (NP * BC))
+    return NP, BM, BC
+
+
+def _flat(x, n):
+    """[..., n, C] -> contiguous [M, n, C]."""
+    return x.reshape(-1, n, x.shape[-1]).contiguous()
+
+
+@torch.library.custom_op("mhc::stream_pre", mutates_args=())
+def stream_pre(x: torch.Tensor, H_pre: torch.Tensor) -> torch.Tensor:
+    """layer_in = H_pre . x: x [..., n, C], H_pre [..., n] -> [..., C] (dtype of x)."""
+    n, C = x.shape[-2:]
+    xf, hf = _flat(x, n), H_pre.reshape(-1, n).float().contiguous()
+    out = torch.empty(xf.shape[0], C, dtype=x.dtype, device=x.device)
+    NP, BM, BC = _stream_blocks(n, C)
+    if xf.shape[0] > 0:
+        _pre_fwd_kernel[(triton.cdiv(xf.shape[0], BM), triton.cdiv(C, BC))](xf, hf, out, xf.shape[0], C, n=n, NP=NP, BM=BM, BC=BC)
+    return out.view(*x.shape[:-2], C)
+
+
+@stream_pre.register_fake
+def _(x, H_pre):
+    return x.new_empty((*x.shape[:-2], x.shape[-1]))
+
+
+@torch.library.custom_op("mhc::stream_pre_bwd", mutates_args=())
+def stream_pre_bwd(g: torch.Tensor, x: torch.Tensor, H_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, C = x.shape[-2:]
+    xf, hf, gf = _flat(x, n), H_pre.reshape(-1, n).float().contiguous(), g.reshape(-1, C).contiguous()
+    dx = torch.empty_like(xf)
+    dh = torch.empty(xf.shape[0], n, dtype=torch.float32, device=x.device)
+    NP, BM, BC = _stream_blocks(n, C)
+    if xf.shape[0] > 0:
+        _pre_bwd_kernel[(triton.cdiv(xf.shape[0], BM),)](xf, hf, gf, dx, dh, xf.shape[0], C, n=n, NP=NP, BM=BM, BC=BC)
+    return dx.view(x.shape), dh.view(H_pre.shape).to(H_pre.dtype)
+
+
+@stream_pre_bwd.register_fake
+def _(g, x, H_pre):
+    return torch.empty_like(x), torch.empty_like(H_pre)
+
+
+def _pre_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _pre_backward(ctx, g):
+    return stream_pre_bwd(g, *ctx.saved_tensors)
+
+
+torch.library.register_autograd("mhc::stream_pre", _pre_backward, setup_context=_pre_setup)
+
+
+@torch.library.custom_op("mhc::stream_post", mutates_args=())
+def stream_post(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torch.Tensor) -> torch.Tensor:
+    """x_next = H_res . x + H_post^T y: x [..., n, C], y [..., C], H_res [..., n, n], H_post [..., n]."""
+    n, C = x.shape[-2:]
+    xf, yf = _flat(x, n), y.reshape(-1, C).contiguous()
+    rf, pf = H_res.reshape(-1, n, n).float().contiguous(), H_post.reshape(-1, n).float().contiguous()
+    out = torch.empty_like(xf)
+    NP, BM, BC = _stream_blocks(n, C)
+    if xf.shape[0] > 0:
+        _post_fwd_kernel[(triton.cdiv(xf.shape[0], BM), triton.cdiv(C, BC))](xf, yf, rf, pf, out, xf.shape[0], C,
+                                                                               n=n, NP=NP, BM=BM, BC=BC)
+    return out.view(x.shape)
+
+
+@stream_post.register_fake
+def _(x, y, H_res, H_post):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mhc::stream_post_bwd", mutates_args=())
+def stream_post_bwd(g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor,
+                    H_post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, C = x.shape[-2:]
+    xf, yf, gf = _flat(x, n), y.reshape(-1, C).contiguous(), _flat(g, n)
+    rf, pf = H_res.reshape(-1, n, n).float().contiguous(), H_post.reshape(-1, n).float().contiguous()
+    dx, dy = torch.empty_like(xf), torch.empty_like(yf)
+    dres = torch.empty(rf.shape, dtype=torch.float32, device=x.device)
+    dpost = torch.empty(pf.shape, dtype=torch.float32, device=x.device)
+    NP, BM, BC = _stream_blocks(n, C, elems=1024)  # g, x and the n x n sums: a smaller tile
+    if xf.shape[0] > 0:
+        _post_bwd_kernel[(triton.cdiv(xf.shape[0], BM),)](xf, yf, rf, pf, gf, dx, dy, dres, dpost, xf.shape[0], C,
+                                                          n=n, NP=NP, BM=BM, BC=BC)
+    return (dx.view(x.shape), dy.view(y.shape), dres.view(H_res.shape).to(H_res.dtype),
+            dpost.view(H_post.shape).to(H_post.dtype))
+
+
+@stream_post_bwd.register_fake
+def _(g, x, y, H_res, H_post):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(H_res), torch.empty_like(H_post)
+
+
+def _post_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _post_backward(ctx, g):
+    return stream_post_bwd(g, *ctx.saved_tensors)
+
+
+torch.library.register_autograd("mhc::stream_post", _post_backward, setup_context=_post_setup)
