@@ -114,11 +114,17 @@ class Connection(nn.Module):
         return pre, post, res.unflatten(-1, (n, n))
 
     def forward(self, x, sublayer):
+        if use_triton(self.kernel, x):
+            layer_in, H_post, H_res = self.fused_pre(x)
+            return triton_kernels.stream_post(x, sublayer(layer_in), H_res, H_post)
         H_pre, H_post, H_res = self.maps(x)
-        K = triton_kernels if use_triton(self.kernel, x) else None
-        pre, post = (K.stream_pre, K.stream_post) if K else (stream_pre, stream_post)
-        y = sublayer(pre(x, H_pre))
-        return post(x, y, H_res, H_post)
+        y = sublayer(stream_pre(x, H_pre))
+        return stream_post(x, y, H_res, H_post)
+
+    def fused_pre(self, x):
+        """The Triton path's (H_pre . x, H_post, H_res); HC: its maps, then the read kernel."""
+        H_pre, H_post, H_res = self.maps(x)
+        return triton_kernels.stream_pre(x, H_pre), H_post, H_res
 
 
 class HyperConnection(Connection):
@@ -195,6 +201,12 @@ class ManifoldHyperConnection(Connection):
             project = triton_kernels.sinkhorn if use_triton(self.kernel, x) else sinkhorn
             H_res = project(self.alpha[2] * h_res + b_res, self.sinkhorn_iters)
         return H_pre, H_post, H_res
+
+
+    def fused_pre(self, x):
+        # Eqs. 2-4 and H_pre . x in one kernel that reads the stream once (sinkhorn_kernel.mhc_pre)
+        layer_in, _, H_post, H_res, _, _ = triton_kernels.mhc_pre(x, self.phi, self.alpha, self.b, self.sinkhorn_iters)
+        return layer_in, H_post, H_res
 
 
 def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch"):

@@ -56,37 +56,31 @@ def _load_logits(L_ptr, pid, N, n: tl.constexpr, NP: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _sinkhorn_fwd_kernel(L_ptr, H_ptr, N, n: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    L, offs, mask, valid = _load_logits(L_ptr, pid, N, n, NP, BLOCK)
-    a = tl.zeros((BLOCK, NP), dtype=tl.float32)
-    b = tl.zeros((BLOCK, NP), dtype=tl.float32)
+def _sinkhorn(L, valid, ITERS: tl.constexpr):
+    """H = Sinkhorn(L) for a [B, NP, NP] tile of logits (padding -inf, `valid` [B, NP])."""
+    a = tl.zeros((L.shape[0], L.shape[1]), dtype=tl.float32)
+    b = tl.zeros((L.shape[0], L.shape[1]), dtype=tl.float32)
     for _ in range(ITERS):
         b = _lse(L - a[:, :, None], valid, 1)   # columns
         a = _lse(L - b[:, None, :], valid, 2)   # rows
-    H = tl.exp(L - a[:, :, None] - b[:, None, :])
-    tl.store(H_ptr + offs, H, mask=mask)
+    return tl.exp(L - a[:, :, None] - b[:, None, :])
 
 
 @triton.jit
-def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, N, n: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
-                         TP: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    L, offs, mask, valid = _load_logits(L_ptr, pid, N, n, NP, BLOCK)
+def _sinkhorn_grad(L, valid, G, ITERS: tl.constexpr, TP: tl.constexpr):
+    """dLoss/dL for H = Sinkhorn(L) given G = dLoss/dH (tiles [B, NP, NP]); TP >= ITERS."""
     # forward again, keeping the potentials of every iteration: hist[:, t, :] = a_t (or b_t)
     t_idx = tl.arange(0, TP)[None, :, None]
-    a_hist = tl.zeros((BLOCK, TP, NP), dtype=tl.float32)
-    b_hist = tl.zeros((BLOCK, TP, NP), dtype=tl.float32)
-    a = tl.zeros((BLOCK, NP), dtype=tl.float32)
-    b = tl.zeros((BLOCK, NP), dtype=tl.float32)
+    a_hist = tl.zeros((L.shape[0], TP, L.shape[1]), dtype=tl.float32)
+    b_hist = tl.zeros((L.shape[0], TP, L.shape[1]), dtype=tl.float32)
+    a = tl.zeros((L.shape[0], L.shape[1]), dtype=tl.float32)
+    b = tl.zeros((L.shape[0], L.shape[1]), dtype=tl.float32)
     for t in range(ITERS):
         b = _lse(L - a[:, :, None], valid, 1)
         a = _lse(L - b[:, None, :], valid, 2)
         a_hist = tl.where(t_idx == t, a[:, None, :], a_hist)
         b_hist = tl.where(t_idx == t, b[:, None, :], b_hist)
     # dL/dstate of the output: H = exp(state), so g_state = g_H * H
-    G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     G = G * tl.exp(L - a[:, :, None] - b[:, None, :])
     for k in range(ITERS):
         t = ITERS - 1 - k
@@ -99,7 +93,22 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, N, n: tl.constexpr, NP: tl.conste
         # column step t: its output is L - a_{t-1} - b_t
         P = tl.exp(L - a_prev[:, :, None] - b_t[:, None, :])
         G = G - P * tl.sum(G, axis=1)[:, None, :]
-    tl.store(dL_ptr + offs, G, mask=mask)
+    return G
+
+
+@triton.jit
+def _sinkhorn_fwd_kernel(L_ptr, H_ptr, N, n: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    L, offs, mask, valid = _load_logits(L_ptr, tl.program_id(0), N, n, NP, BLOCK)
+    tl.store(H_ptr + offs, _sinkhorn(L, valid, ITERS), mask=mask)
+
+
+@triton.jit
+def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, N, n: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
+                         TP: tl.constexpr, BLOCK: tl.constexpr):
+    L, offs, mask, valid = _load_logits(L_ptr, tl.program_id(0), N, n, NP, BLOCK)
+    G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dL_ptr + offs, _sinkhorn_grad(L, valid, G, ITERS, TP), mask=mask)
 
 
 def _sinkhorn_launch_args(N, n, iters):
@@ -370,3 +379,241 @@ def _post_backward(ctx, g):
 
 
 torch.library.register_autograd("mhc::stream_post", _post_backward, setup_context=_post_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused mHC "pre" step (mhc.py Eqs. 2-4 and the read of Eq. 1) in one kernel per direction:
+# read each token's n x C state, project it with phi to the 2n + n^2 raw coefficients, divide
+# by the RMS, gate, sigmoid / 2 sigmoid / Sinkhorn, and write layer_in = H_pre . x.
+# Column layout of phi (and of the saved coefficients h): [pre (n) | post (n) | res (n*n, i*n + j)].
+
+@triton.jit
+def _phi_tiles(phi_ptr, k, NC, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr):
+    """phi rows k ([BK]) as three tiles: pre [BK, NP], post [BK, NP], res [BK, NP*NP]."""
+    q = tl.arange(0, NP)
+    qq = tl.arange(0, NP * NP)
+    i, j = qq // NP, qq % NP
+    row = k[:, None] * K
+    mk = k[:, None] < NC
+    p_pre = tl.load(phi_ptr + row + q[None, :], mask=mk & (q[None, :] < n), other=0.0)
+    p_post = tl.load(phi_ptr + row + n + q[None, :], mask=mk & (q[None, :] < n), other=0.0)
+    p_res = tl.load(phi_ptr + row + 2 * n + (i * n + j)[None, :], mask=mk & ((i < n) & (j < n))[None, :], other=0.0)
+    return p_pre, p_post, p_res
+
+
+@triton.jit
+def _mhc_maps(h_pre, h_post, h_res, alpha_ptr, b_ptr, m, M, n: tl.constexpr, NP: tl.constexpr):
+    """Eqs. 3-4 on the (RMS-scaled) coefficients: H_pre, H_post [BM, NP] and the masked
+    Sinkhorn logits [BM, NP, NP] (-inf padding) with the mask of valid rows."""
+    q = tl.arange(0, NP)
+    qn = q < n
+    a_pre, a_post, a_res = tl.load(alpha_ptr), tl.load(alpha_ptr + 1), tl.load(alpha_ptr + 2)
+    b_pre = tl.load(b_ptr + q, mask=qn, other=0.0)
+    b_post = tl.load(b_ptr + n + q, mask=qn, other=0.0)
+    b_res = tl.load(b_ptr + 2 * n + q[:, None] * n + q[None, :], mask=qn[:, None] & qn[None, :], other=0.0)
+    H_pre = tl.sigmoid(a_pre * h_pre + b_pre[None, :])
+    H_post = 2.0 * tl.sigmoid(a_post * h_post + b_post[None, :])
+    cell = (m[:, None, None] < M) & qn[None, :, None] & qn[None, None, :]
+    L = tl.where(cell, a_res * h_res + b_res[None, :, :], float("-inf"))
+    valid = (m[:, None] < M) & qn[None, :]
+    return H_pre, H_post, L, valid
+
+
+@triton.jit
+def _mhc_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr, hpost_ptr, hres_ptr, h_ptr, r_ptr,
+                        M, C, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, ITERS: tl.constexpr,
+                        BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    NC = n * C
+    # Eq. 2: v . phi and sum(v^2) in one pass over the flattened state v = vec(x)
+    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_res = tl.zeros((BM, NP * NP), dtype=tl.float32)
+    ss = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, NC, BK):
+        k = k0 + tl.arange(0, BK)
+        v = tl.load(x_ptr + m[:, None] * NC + k[None, :], mask=(m[:, None] < M) & (k[None, :] < NC), other=0.0).to(tl.float32)
+        p_pre, p_post, p_res = _phi_tiles(phi_ptr, k, NC, n, NP, K)
+        ss += tl.sum(v * v, axis=1)
+        acc_pre += tl.sum(v[:, :, None] * p_pre[None, :, :], axis=1)
+        acc_post += tl.sum(v[:, :, None] * p_post[None, :, :], axis=1)
+        acc_res += tl.sum(v[:, :, None] * p_res[None, :, :], axis=1)
+    r = 1.0 / tl.sqrt(ss / NC + 1e-6)                      # 1 / rms(v), eps inside the root
+    h_pre, h_post = acc_pre * r[:, None], acc_post * r[:, None]
+    h_res = tl.reshape(acc_res * r[:, None], (BM, NP, NP))
+    H_pre, H_post, L, valid = _mhc_maps(h_pre, h_post, h_res, alpha_ptr, b_ptr, m, M, n, NP)
+    H_res = _sinkhorn(L, valid, ITERS)
+    # outputs: the maps, the scaled coefficients h and r for the backward
+    q = tl.arange(0, NP)
+    mq = (m[:, None] < M) & (q[None, :] < n)
+    tl.store(hpre_ptr + m[:, None] * n + q[None, :], H_pre, mask=mq)
+    tl.store(hpost_ptr + m[:, None] * n + q[None, :], H_post, mask=mq)
+    cell = mq[:, :, None] & (q[None, None, :] < n)
+    tl.store(hres_ptr + m[:, None, None] * (n * n) + q[None, :, None] * n + q[None, None, :], H_res, mask=cell)
+    tl.store(h_ptr + m[:, None] * K + q[None, :], h_pre, mask=mq)
+    tl.store(h_ptr + m[:, None] * K + n + q[None, :], h_post, mask=mq)
+    tl.store(h_ptr + m[:, None, None] * K + 2 * n + q[None, :, None] * n + q[None, None, :], h_res, mask=cell)
+    tl.store(r_ptr + m, r, mask=m < M)
+    # the read of Eq. 1: layer_in = H_pre . x (a second pass over x, mostly from L2)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+        tl.store(out_ptr + m[:, None] * C + c[None, :], tl.sum(H_pre[:, :, None] * x, axis=1),
+                 mask=(m[:, None] < M) & (c[None, :] < C))
+
+
+@triton.jit
+def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr,
+                        ghres_ptr, dx_ptr, dacc_ptr, dz_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                        K: tl.constexpr, ITERS: tl.constexpr, TP: tl.constexpr,
+                        BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    NC = n * C
+    q = tl.arange(0, NP)
+    mq = (m[:, None] < M) & (q[None, :] < n)
+    cell = mq[:, :, None] & (q[None, None, :] < n)
+    offs_res = m[:, None, None] * K + 2 * n + q[None, :, None] * n + q[None, None, :]
+    h_pre = tl.load(h_ptr + m[:, None] * K + q[None, :], mask=mq, other=0.0)
+    h_post = tl.load(h_ptr + m[:, None] * K + n + q[None, :], mask=mq, other=0.0)
+    h_res = tl.load(h_ptr + offs_res, mask=cell, other=0.0)
+    r = tl.load(r_ptr + m, mask=m < M, other=1.0)
+    H_pre, H_post, L, valid = _mhc_maps(h_pre, h_post, h_res, alpha_ptr, b_ptr, m, M, n, NP)
+    # dH_pre = x . g_in (+ any gradient H_pre itself received): a pass over x and g_in
+    dH_pre = tl.load(ghpre_ptr + m[:, None] * n + q[None, :], mask=mq, other=0.0)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+        g = tl.load(gin_ptr + m[:, None] * C + c[None, :], mask=(m[:, None] < M) & (c[None, :] < C), other=0.0).to(tl.float32)
+        dH_pre += tl.sum(x * g[:, None, :], axis=2)
+    # back through Eq. 4 to the gate inputs z = alpha * h + b
+    dz_pre = dH_pre * H_pre * (1.0 - H_pre)                                    # sigmoid'
+    dz_post = tl.load(ghpost_ptr + m[:, None] * n + q[None, :], mask=mq, other=0.0) * H_post * (1.0 - 0.5 * H_post)
+    G_res = tl.load(ghres_ptr + m[:, None, None] * (n * n) + q[None, :, None] * n + q[None, None, :], mask=cell, other=0.0)
+    dz_res = tl.where(cell, _sinkhorn_grad(L, valid, G_res, ITERS, TP), 0.0)
+    tl.store(dz_ptr + m[:, None] * K + q[None, :], dz_pre, mask=mq)
+    tl.store(dz_ptr + m[:, None] * K + n + q[None, :], dz_post, mask=mq)
+    tl.store(dz_ptr + offs_res, dz_res, mask=cell)
+    # Eq. 3 then Eq. 2: dh = alpha dz; h = acc * r with acc = v . phi and r = (mean v^2 + eps)^-1/2
+    dh_pre, dh_post = tl.load(alpha_ptr) * dz_pre, tl.load(alpha_ptr + 1) * dz_post
+    dh_res = tl.load(alpha_ptr + 2) * dz_res
+    d_r = (tl.sum(dh_pre * h_pre, axis=1) + tl.sum(dh_post * h_post, axis=1)
+           + tl.sum(tl.sum(dh_res * h_res, axis=2), axis=1)) / r              # dLoss/dr
+    da_pre, da_post = dh_pre * r[:, None], dh_post * r[:, None]                # dLoss/dacc
+    da_res = dh_res * r[:, None, None]
+    tl.store(dacc_ptr + m[:, None] * K + q[None, :], da_pre, mask=mq)
+    tl.store(dacc_ptr + m[:, None] * K + n + q[None, :], da_post, mask=mq)
+    tl.store(dacc_ptr + offs_res, da_res, mask=cell)
+    da_res = tl.reshape(da_res, (BM, NP * NP))
+    coef = -d_r * r * r * r / NC                                               # dr/dv = -r^3 v / NC
+    # dv = dacc . phi^T + coef v, plus the read's H_pre^T g_in; one pass over the flattened state
+    for k0 in range(0, NC, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = (m[:, None] < M) & (k[None, :] < NC)
+        v = tl.load(x_ptr + m[:, None] * NC + k[None, :], mask=mk, other=0.0).to(tl.float32)
+        p_pre, p_post, p_res = _phi_tiles(phi_ptr, k, NC, n, NP, K)
+        dv = (tl.sum(da_pre[:, None, :] * p_pre[None, :, :], axis=2) + tl.sum(da_post[:, None, :] * p_post[None, :, :], axis=2)
+              + tl.sum(da_res[:, None, :] * p_res[None, :, :], axis=2) + coef[:, None] * v)
+        stream, chan = k // C, k % C
+        g = tl.load(gin_ptr + m[:, None] * C + chan[None, :], mask=mk, other=0.0).to(tl.float32)
+        hp = tl.load(hpre_ptr + m[:, None] * n + stream[None, :], mask=mk, other=0.0)
+        tl.store(dx_ptr + m[:, None] * NC + k[None, :], dv + hp * g, mask=mk)
+
+
+def _pre_blocks(n, C):
+    """Tiles of the fused pre step: BM tokens; BK of the nC inputs per step of the projection,
+    so that its [BM, BK, NP*NP] product stays small; BC channels for the read. With 8 warps these
+    compile for sm_90 without register spills for n = 1 ... 8 (checked with ptxas)."""
+    NP = triton.next_power_of_2(n)
+    BM = 8
+    BK = max(8, min(64, 2048 // (BM * NP * NP)))
+    BC = min(triton.next_power_of_2(C), 128)
+    return NP, BM, BK, BC
+
+
+@torch.library.custom_op("mhc::mhc_pre", mutates_args=())
+def mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, iters: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layer_in, H_pre, H_post, H_res, h, r) of one mHC sublayer; h and r are for the backward."""
+    n, C = x.shape[-2:]
+    K = 2 * n + n * n
+    xf = _flat(x, n)
+    M = xf.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    out = torch.empty(M, C, dtype=x.dtype, device=x.device)
+    H_pre, H_post, H_res = torch.empty(M, n, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32)
+    h, r = torch.empty(M, K, **f32), torch.empty(M, **f32)
+    NP, BM, BK, BC = _pre_blocks(n, C)
+    if M > 0:
+        _mhc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, phi.float().contiguous(), alpha.float().contiguous(),
+                                                   b.float().contiguous(), out, H_pre, H_post, H_res, h, r, M, C,
+                                                   n=n, NP=NP, K=K, ITERS=iters, BM=BM, BK=BK, BC=BC, num_warps=8)
+    lead = x.shape[:-2]
+    return (out.view(*lead, C), H_pre.view(*lead, n), H_post.view(*lead, n), H_res.view(*lead, n, n),
+            h.view(*lead, K), r.view(lead))
+
+
+@mhc_pre.register_fake
+def _(x, phi, alpha, b, iters):
+    n, C = x.shape[-2:]
+    lead = x.shape[:-2]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (x.new_empty((*lead, C)), torch.empty(*lead, n, **f32), torch.empty(*lead, n, **f32),
+            torch.empty(*lead, n, n, **f32), torch.empty(*lead, 2 * n + n * n, **f32), torch.empty(lead, **f32))
+
+
+@torch.library.custom_op("mhc::mhc_pre_bwd", mutates_args=())
+def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g_res: torch.Tensor,
+                x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
+                r: torch.Tensor, H_pre: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dacc, dz): the state's gradient, and per token the gradients of acc = v . phi and of
+    the gate inputs z = alpha h + b (reduced over tokens by the caller: dphi, dalpha, db)."""
+    n, C = x.shape[-2:]
+    K = 2 * n + n * n
+    xf = _flat(x, n)
+    M = xf.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(xf)
+    dacc, dz = torch.empty(M, K, **f32), torch.empty(M, K, **f32)
+    NP, BM, BK, BC = _pre_blocks(n, C)
+    flat = lambda t, *shape: t.reshape(M, *shape).float().contiguous()
+    if M > 0:
+        _mhc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
+            xf, phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous(), flat(h, K), flat(r),
+            flat(H_pre, n), g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n),
+            dx, dacc, dz, M, C, n=n, NP=NP, K=K, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BK=BK, BC=BC,
+            num_warps=8)
+    return dx.view(x.shape), dacc, dz
+
+
+@mhc_pre_bwd.register_fake
+def _(g_in, g_pre, g_post, g_res, x, phi, alpha, b, h, r, H_pre, iters):
+    M = x.numel() // (x.shape[-1] * x.shape[-2])
+    K = phi.shape[-1]
+    return torch.empty_like(x), x.new_empty((M, K), dtype=torch.float32), x.new_empty((M, K), dtype=torch.float32)
+
+
+def _mhc_pre_setup(ctx, inputs, output):
+    x, phi, alpha, b, iters = inputs
+    _, H_pre, _, _, h, r = output
+    ctx.mark_non_differentiable(h, r)  # internal: saved for the backward only
+    ctx.save_for_backward(x, phi, alpha, b, h, r, H_pre)
+    ctx.iters = iters
+
+
+def _mhc_pre_backward(ctx, g_in, g_pre, g_post, g_res, g_h, g_r):
+    x, phi, alpha, b, h, r, H_pre = ctx.saved_tensors
+    n, C, lead = x.shape[-2], x.shape[-1], x.shape[:-2]
+
+    def grad(g, *shape, dtype=torch.float32):  # an output that was not used has no gradient
+        return g if g is not None else torch.zeros(*lead, *shape, dtype=dtype, device=x.device)
+
+    dx, dacc, dz = mhc_pre_bwd(grad(g_in, C, dtype=x.dtype), grad(g_pre, n), grad(g_post, n), grad(g_res, n, n),
+                               x, phi, alpha, b, h, r, H_pre, ctx.iters)
+    # the reductions over tokens: dphi = v^T dacc (a GEMM), db = sum dz, dalpha = sum dz * h per map
+    dphi = x.reshape(dacc.shape[0], -1).float().t() @ dacc
+    dzh = dz * h.reshape(dz.shape)
+    dalpha = torch.stack([dzh[:, :n].sum(), dzh[:, n:2 * n].sum(), dzh[:, 2 * n:].sum()])
+    return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dz.sum(0).to(b.dtype), None
+
+
+torch.library.register_autograd("mhc::mhc_pre", _mhc_pre_backward, setup_context=_mhc_pre_setup)

@@ -360,6 +360,31 @@ def test_kernel_stream_mixing_forward_and_backward(n, C, M):
 
 
 @needs_triton
+@pytest.mark.parametrize("n,C,M", [(1, 9, 3), (2, 40, 4), (3, 10, 17), (4, 16, 9), (8, 6, 3)])
+def test_kernel_fused_mhc_pre_step(n, C, M):
+    # the whole pre step (Eqs. 2-4 and H_pre . x) against mhc.py in float64, every gradient;
+    # nC spans several projection chunks and M is not a multiple of the token block
+    torch.manual_seed(n)
+    conn = mhc.ManifoldHyperConnection(n, C, layer_id=1, sinkhorn_iters=7).double()
+    with torch.no_grad():  # away from the init so that every term matters
+        conn.alpha.copy_(torch.tensor([0.5, -0.7, 1.3]))
+        conn.b.normal_()
+        conn.phi.mul_(3)
+    x = torch.randn(M, n, C, dtype=torch.float64, requires_grad=True)
+    H_pre, H_post, H_res = conn.maps(x)
+    ref = (mhc.stream_pre(x, H_pre), H_pre, H_post, H_res)
+    weights = [torch.randn_like(t) for t in ref]
+    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), [x, conn.phi, conn.alpha, conn.b])
+    ours = [t.detach().float().to(DEVICE).requires_grad_() for t in (x, conn.phi, conn.alpha, conn.b)]
+    out = triton_kernels.mhc_pre(*ours, 7)
+    grads = torch.autograd.grad(sum((t.double() * w.to(DEVICE)).sum() for t, w in zip(out[:4], weights)), ours)
+    for got, want in zip(out[:4], ref):
+        assert max_rel_err(got.cpu(), want) < 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert max_rel_err(got.cpu(), want) < 1e-5
+
+
+@needs_triton
 @pytest.mark.parametrize("residual", ["hc", "mhc"])
 def test_model_same_loss_and_gradients_with_triton_and_torch(residual):
     cfg = dict(TINY, n_layer=1, block_size=16, n_streams=3 if residual == "hc" else 4)
@@ -619,3 +644,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_root, t
     assert_clean_error(p, "nan", "last good checkpoint")
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 30 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_bench_runs(tmp_path):
+    # bench.py must tell a GPU-less user why it measures nothing, and its CPU smoke version
+    # must run every kernel comparison (times on a CPU interpreter mean nothing; none are checked)
+    env = {"CUDA_VISIBLE_DEVICES": ""}
+    assert "No CUDA GPU found" in run("bench.py", **env).stdout
+    out = run("bench.py", "--device=cpu", "--only=kernels", **env).stdout
+    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "stream_pre", "stream_post", "mhc pre step"):
+        assert f"{op}" in out and "GB/s" in out
+    if triton_kernels is not None:
+        assert out.count(", triton") == 10

@@ -1,0 +1,237 @@
+"""
+Benchmarks: the mHC kernels against PyTorch (eager and compiled), with a roofline column, and
+whole training steps of residual / HC / mHC GPTs.
+
+    python bench.py                      # everything, on the GPU it finds
+    python bench.py --only=kernels       # Sinkhorn and stream mixing only
+    python bench.py --only=e2e --n_streams=2
+    python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
+
+Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
+the least (every input read once, every output written once), and "% copy" compares the
+achieved bytes/s with a device-to-device copy measured in the same run. End to end: median ms per
+training step (forward, backward, AdamW) after warm-up, tokens/s, peak memory, and the time of
+the first step (compilation). Ratios against the residual model are the claim, not absolute
+times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+import mhc
+from configurator import ConfigError, configure
+from model import GPT, GPTConfig
+
+DEFAULTS = dict(
+    only="all",             # "all", "kernels" or "e2e"
+    device="auto",          # "cpu" runs a tiny smoke version (no meaningful times)
+    matrices=393216,        # Sinkhorn: 16k tokens x 24 sublayers
+    tokens=16384,           # stream mixing: tokens of one sublayer
+    n_streams=4,
+    n_embd=768, n_layer=12, n_head=12, batch_size=16, block_size=1024,
+    steps=20,               # timed training steps (after warm-up)
+    compile=True,
+    compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
+)
+
+
+def bench_fn(fn, device):
+    """Median milliseconds of fn()."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device):
+    """Bytes/s of a device-to-device copy (read + write), the practical memory roofline."""
+    x = torch.empty(256 * 2**20 if device == "cuda" else 2**22, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    ms = bench_fn(lambda: y.copy_(x), device)
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def row(name, ms, nbytes, bw, base_ms=None):
+    gbs = nbytes / (ms * 1e-3) / 1e9
+    speedup = f"{base_ms / ms:7.1f}x" if base_ms else "      -"
+    print(f"{name:<44} {ms:9.3f} ms {nbytes / 1e6:10.1f} MB {gbs:9.0f} GB/s {100 * gbs * 1e9 / bw:6.1f}% {speedup}")
+
+
+def fwd_bwd(fn, inputs, grads):
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        torch.autograd.backward(out, grads)
+    return run
+
+
+def bench_kernels(c, device):
+    K = mhc.triton_kernels
+    bw = copy_bandwidth(device)
+    print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
+    print(f"{'op':<44} {'time':>12} {'min bytes':>13} {'achieved':>14} {'% copy':>7} {'vs eager':>8}")
+    compiled_sinkhorn = torch.compile(mhc.sinkhorn) if c["compile"] else None
+    for n in (4, 8):
+        N = c["matrices"]
+        L = torch.randn(N, n, n, device=device, requires_grad=True)
+        G = torch.randn(N, n, n, device=device)
+        fwd_bytes, bwd_bytes = 2 * N * n * n * 4, 5 * N * n * n * 4  # fwd: L, H; +bwd: L, G, dL
+        variants = [("torch eager", mhc.sinkhorn)]
+        if compiled_sinkhorn:
+            variants.append(("torch.compile", compiled_sinkhorn))
+        if K:
+            variants.append(("triton", K.sinkhorn))
+        base = {}
+        for label, fn in variants:
+            with torch.no_grad():
+                ms = bench_fn(lambda: fn(L, 20), device)
+            row(f"sinkhorn {n}x{n} x{N} fwd, {label}", ms, fwd_bytes, bw, base.setdefault("f", ms))
+            ms = bench_fn(fwd_bwd(lambda L: fn(L, 20), [L], [G]), device)
+            row(f"sinkhorn {n}x{n} x{N} fwd+bwd, {label}", ms, bwd_bytes, bw, base.setdefault("b", ms))
+    # stream mixing of one sublayer: x [M, n, C] fp32 stream, y [M, C] bf16 sublayer output
+    n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
+    x = torch.randn(M, n, C, device=device, requires_grad=True)
+    y = torch.randn(M, C, device=device, dtype=torch.bfloat16, requires_grad=True)
+    h_pre = torch.rand(M, n, device=device, requires_grad=True)
+    h_res = torch.rand(M, n, n, device=device, requires_grad=True)
+    h_post = torch.rand(M, n, device=device, requires_grad=True)
+    xb, yb, cb = M * n * C * 4, M * C * 2, M * (n * n + 2 * n) * 4
+    ops = [("stream_pre", lambda f: (lambda: f.stream_pre(x, h_pre)), xb + M * C * 4 + M * n * 4,
+            lambda f: fwd_bwd(f.stream_pre, [x, h_pre], [torch.ones(M, C, device=device)]), 2 * xb + 2 * M * C * 4),
+           ("stream_post", lambda f: (lambda: f.stream_post(x, y, h_res, h_post)), 2 * xb + yb + cb,
+            lambda f: fwd_bwd(f.stream_post, [x, y, h_res, h_post], [torch.ones(M, n, C, device=device)]),
+            3 * xb + 2 * yb + 2 * cb)]
+
+    # the whole mHC pre step: Eqs. 2-4 (projection, RMS, gates, Sinkhorn) and H_pre . x
+    conn = mhc.ManifoldHyperConnection(n, C, layer_id=0).to(device)
+    params = [conn.phi, conn.alpha, conn.b]
+
+    def torch_pre(x, *params):
+        H_pre, H_post, H_res = conn.maps(x)
+        return mhc.stream_pre(x, H_pre), H_post, H_res
+
+    grads = [torch.ones(M, C, device=device), torch.ones(M, n, device=device), torch.ones(M, n, n, device=device)]
+    ops.append(("mhc pre step", lambda f: (lambda: f.mhc_pre_step(x, *params)), xb + M * C * 4 + cb,
+                lambda f: fwd_bwd(f.mhc_pre_step, [x, *params], grads), 2 * xb + M * C * 4 + cb))
+
+    class Eager:
+        stream_pre, stream_post, mhc_pre_step = mhc.stream_pre, mhc.stream_post, torch_pre
+
+    class Compiled:
+        stream_pre = torch.compile(mhc.stream_pre) if c["compile"] else None
+        stream_post = torch.compile(mhc.stream_post) if c["compile"] else None
+        mhc_pre_step = torch.compile(torch_pre) if c["compile"] else None
+
+    class Triton:
+        stream_pre, stream_post = (K.stream_pre, K.stream_post) if K else (None, None)
+
+        @staticmethod
+        def mhc_pre_step(x, *params):
+            layer_in, _, H_post, H_res, _, _ = K.mhc_pre(x, *params, conn.sinkhorn_iters)
+            return layer_in, H_post, H_res
+
+    impls = [("torch eager", Eager)] + ([("torch.compile", Compiled)] if c["compile"] else []) + ([("triton", Triton)] if K else [])
+    for name, make_fwd, fbytes, make_bwd, bbytes in ops:
+        base = {}
+        for label, impl in impls:
+            with torch.no_grad():
+                ms = bench_fn(make_fwd(impl), device)
+            row(f"{name} n={n} C={C} x{M} fwd, {label}", ms, fbytes, bw, base.setdefault("f", ms))
+            ms = bench_fn(make_bwd(impl), device)
+            row(f"{name} n={n} C={C} x{M} fwd+bwd, {label}", ms, fbytes + bbytes, bw, base.setdefault("b", ms))
+
+
+def bench_e2e(c, device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ctx = torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False)
+    shape = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
+                 bias=False, n_streams=c["n_streams"])
+    runs = [("residual", "torch", c["compile"]), ("hc", "torch", False), ("mhc", "torch", False)]
+    if c["compiled_torch_mhc"]:
+        runs.append(("mhc", "torch", True))
+    if mhc.triton_kernels:
+        runs += [("hc", "triton", c["compile"]), ("mhc", "triton", c["compile"])]
+    tokens = c["batch_size"] * c["block_size"]
+    print(f"\nend to end: {c['n_layer']} layers, C={c['n_embd']}, n={c['n_streams']}, "
+          f"{c['batch_size']}x{c['block_size']} tokens, {dtype}, AdamW")
+    print(f"{'model':<32} {'ms/step':>9} {'tok/s':>10} {'x resid':>8} {'peak GiB':>9} {'x resid':>8} {'1st step s':>10}")
+    base = None
+    for residual, kernel, compiled in runs:
+        torch.manual_seed(0)
+        if device == "cuda":
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = GPT(GPTConfig(residual=residual, kernel=kernel, **shape)).to(device)
+        opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
+        step_model = torch.compile(model) if compiled else model
+        x = torch.randint(0, 50257, (c["batch_size"], c["block_size"]), device=device)
+
+        def step():
+            with ctx:
+                _, loss = step_model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t
+        for _ in range(3):
+            step()
+        ms = bench_fn(step, device) if device != "cuda" else _median_steps(step, c["steps"])
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        base = base or (ms, peak)
+        label = f"{residual}, {kernel}{', compiled' if compiled else ', eager'}"
+        print(f"{label:<32} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
+              f"{peak / base[1]:7.2f}x {first:10.1f}")
+        del model, opt, step_model
+
+
+def _median_steps(step, steps):
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv):
+    c = dict(DEFAULTS)
+    try:
+        configure(c, argv, allow_files=False)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "none")
+    if device == "none":
+        print("No CUDA GPU found: bench.py times GPU kernels and training steps, so there is nothing to "
+              "measure here. (--device=cpu runs a tiny smoke version whose times mean nothing.)")
+        return
+    if device == "cpu":  # a smoke run: every code path, tiny sizes
+        c.update(matrices=16, tokens=8, n_embd=64, n_layer=1, n_head=2, batch_size=2, block_size=16,
+                 steps=2, compile=False)
+    else:
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if c["only"] in ("all", "kernels"):
+        bench_kernels(c, device)
+    if c["only"] in ("all", "e2e"):
+        bench_e2e(c, device)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
