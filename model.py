@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import mhc
 
@@ -30,6 +31,7 @@ class GPTConfig:
     sinkhorn_iters: int = 20  # t_max of the mHC Sinkhorn-Knopp projection
     res_init: float = 6.0     # mHC: diagonal logit gap of the H_res bias at init (see mhc.py)
     kernel: str = "auto"      # "auto" (Triton on CUDA), "triton" or "torch" (mhc.py's reference)
+    recompute: bool = False   # HC/mHC: recompute the streams and maps in the backward (less memory)
 
     def __post_init__(self):
         if self.residual not in mhc.RESIDUAL_MODES:
@@ -93,6 +95,23 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+# What recompute=True keeps: the outputs of the matmuls and of attention (costly to redo).
+# Everything else inside a block (the connections' streams and maps, norms, GELU) is recomputed
+# in the backward, so a block stores one n-stream state, its input, instead of one per sublayer.
+_KEEP = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+
+
+def _recompute_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_context():
+    return create_selective_checkpoint_contexts(_recompute_policy)
+
+
 class Block(nn.Module):
     """Two sublayers, attention and MLP, each with its pre-norm. With residual="residual" the
     stream is [B, T, C] and each sublayer is added to it; with "hc"/"mhc" the stream is
@@ -105,6 +124,7 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         self.streams = config.residual != "residual"
+        self.recompute = self.streams and config.recompute
         if self.streams:
             args = (config.residual, config.n_streams, config.n_embd)
             kw = dict(sinkhorn_iters=config.sinkhorn_iters, res_init=config.res_init, kernel=config.kernel)
@@ -115,6 +135,11 @@ class Block(nn.Module):
         if not self.streams:
             x = x + self.attn(self.ln_1(x))
             return x + self.mlp(self.ln_2(x))
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.connected, x, use_reentrant=False, context_fn=_recompute_context)
+        return self.connected(x)
+
+    def connected(self, x):
         x = self.conn_attn(x, lambda h: self.attn(self.ln_1(h)))
         return self.conn_mlp(x, lambda h: self.mlp(self.ln_2(h)))
 

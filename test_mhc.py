@@ -408,6 +408,27 @@ def test_model_same_loss_and_gradients_with_triton_and_torch(residual):
         assert max_rel_err(q.grad, p.grad.double()) < 1e-3, name
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_recompute_gives_the_same_loss_and_gradients(kernel):
+    if kernel == "triton" and triton_kernels is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    cfg = dict(TINY, block_size=16, residual="mhc", kernel=kernel, dropout=0.1)
+    plain = GPT(GPTConfig(**cfg)).to(DEVICE)
+    recomputed = GPT(GPTConfig(**cfg, recompute=True)).to(DEVICE)
+    recomputed.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
+    losses = []
+    for m in (plain, recomputed):
+        torch.manual_seed(1)  # the same dropout masks; the recomputation must replay them
+        _, loss = m(idx, idx)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @needs_triton
 def test_kernels_are_opaque_to_torch_compile():
     # fullgraph=True fails on any graph break; the Sinkhorn loop must not be traced

@@ -47,6 +47,7 @@ DEFAULTS = dict(
     sinkhorn_iters=20,          # mHC's Sinkhorn-Knopp iterations
     res_init=6.0,               # mHC's H_res bias: diagonal logit gap at init (mhc.py)
     kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
+    recompute=False,            # HC/mHC: recompute streams and maps in the backward (less memory)
     # AdamW, cosine schedule with linear warmup
     learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,              # 0 disables clipping (the norm is still logged)
@@ -206,7 +207,8 @@ def main(argv):
             f"or train into another --out_dir")
     torch.manual_seed(c["seed"])  # the same initial weights in every process and every run
     try:
-        model = GPT(GPTConfig(**model_args, dropout=c["dropout"], kernel=c["kernel"]))
+        model = GPT(GPTConfig(**model_args, dropout=c["dropout"], kernel=c["kernel"],
+                              recompute=c["recompute"]))
     except ValueError as e:
         die(e)
     if ckpt is not None:
