@@ -155,25 +155,28 @@ def bench_e2e(c, device):
     ctx = torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False)
     shape = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                  bias=False, n_streams=c["n_streams"])
-    # (residual, kernel, compiled, recompute)
-    runs = [("residual", "torch", c["compile"], False), ("hc", "torch", False, False), ("mhc", "torch", False, False)]
+    # (residual, kernel, compiled, recompute, stream dtype)
+    cc = c["compile"]
+    runs = [("residual", "torch", cc, False, "float32"), ("hc", "torch", False, False, "float32"),
+            ("mhc", "torch", False, False, "float32")]
     if c["compiled_torch_mhc"]:
-        runs.append(("mhc", "torch", True, False))
+        runs.append(("mhc", "torch", True, False, "float32"))
     if mhc.triton_kernels:
-        runs += [("hc", "triton", c["compile"], False), ("mhc", "triton", c["compile"], False),
-                 ("mhc", "triton", c["compile"], True)]
+        runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32"),
+                 ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
     tokens = c["batch_size"] * c["block_size"]
     print(f"\nend to end: {c['n_layer']} layers, C={c['n_embd']}, n={c['n_streams']}, "
           f"{c['batch_size']}x{c['block_size']} tokens, {dtype}, AdamW")
-    print(f"{'model':<42} {'ms/step':>9} {'tok/s':>10} {'x resid':>8} {'peak GiB':>9} {'x resid':>8} {'1st step s':>10}")
+    print(f"{'model':<52} {'ms/step':>9} {'tok/s':>10} {'x resid':>8} {'peak GiB':>9} {'x resid':>8} {'1st step s':>10}")
     base = None
-    for residual, kernel, compiled, recompute in runs:
+    for residual, kernel, compiled, recompute, stream_dtype in runs:
         torch.manual_seed(0)
         if device == "cuda":
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        model = GPT(GPTConfig(residual=residual, kernel=kernel, recompute=recompute, **shape)).to(device)
+        model = GPT(GPTConfig(residual=residual, kernel=kernel, recompute=recompute, stream_dtype=stream_dtype,
+                              **shape)).to(device)
         opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
         step_model = torch.compile(model) if compiled else model
         x = torch.randint(0, 50257, (c["batch_size"], c["block_size"]), device=device)
@@ -195,8 +198,9 @@ def bench_e2e(c, device):
         ms = bench_fn(step, device) if device != "cuda" else _median_steps(step, c["steps"])
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         base = base or (ms, peak)
-        label = f"{residual}, {kernel}{', compiled' if compiled else ', eager'}{', recompute' if recompute else ''}"
-        print(f"{label:<42} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
+        label = (f"{residual}, {kernel}{', compiled' if compiled else ', eager'}{', recompute' if recompute else ''}"
+                 f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}")
+        print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
               f"{peak / base[1]:7.2f}x {first:10.1f}")
         del model, opt, step_model
 

@@ -76,20 +76,23 @@ def sinkhorn(logits, iters=20):
 
 # ----------------------------------------------------------------------------------------------
 # The connection around one sublayer: Eq. (1). HC and mHC differ only in how they make the maps.
-# The stream products run outside autocast: under bf16 autocast an einsum would round the
-# residual stream itself to bf16 at every sublayer. Only the sublayer F runs in bf16.
+# The stream products run outside autocast and in (at least) fp32: under bf16 autocast an einsum
+# would round the stream itself at every sublayer. A bf16 stream (GPTConfig.stream_dtype) is
+# only *stored* in bf16; the sums are still taken in fp32, as in the kernels.
 
 def stream_pre(x, H_pre):
     """The sublayer's input H_pre . x: x [..., n, C], H_pre [..., n] -> [..., C]."""
+    dt = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        return torch.einsum("...i,...ic->...c", H_pre.to(x.dtype), x)
+        return torch.einsum("...i,...ic->...c", H_pre.to(dt), x.to(dt))  # fp32 even for a bf16 stream
 
 
 def stream_post(x, y, H_res, H_post):
     """The next stream H_res . x + H_post^T y: x [..., n, C], y [..., C] -> [..., n, C]."""
+    dt = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        mixed = torch.einsum("...ij,...jc->...ic", H_res.to(x.dtype), x)
-        return mixed + H_post.to(x.dtype).unsqueeze(-1) * y.to(x.dtype).unsqueeze(-2)
+        mixed = torch.einsum("...ij,...jc->...ic", H_res.to(dt), x.to(dt))
+        return (mixed + H_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)
 
 
 class Connection(nn.Module):
@@ -221,16 +224,17 @@ def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, k
 # ----------------------------------------------------------------------------------------------
 # Streams in and out of the model
 
-def expand_streams(x, n):
-    """[..., C] -> [..., n, C]: every stream starts as a copy of the token+position embedding."""
-    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+def expand_streams(x, n, dtype=None):
+    """[..., C] -> [..., n, C]: every stream starts as a copy of the token+position embedding
+    (stored in `dtype`, default x's)."""
+    return x.to(dtype or x.dtype).unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
 
 
 def reduce_streams(x):
     """[..., n, C] -> [..., C]. We average (HC sums): the final norm makes the two equivalent,
     and with the mean an untrained HC/mHC model (all streams equal) hands the final norm exactly
     the residual model's stream."""
-    return x.mean(dim=-2)
+    return x.float().mean(dim=-2) if x.dtype in (torch.bfloat16, torch.float16) else x.mean(dim=-2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,11 +32,14 @@ class GPTConfig:
     res_init: float = 6.0     # mHC: diagonal logit gap of the H_res bias at init (see mhc.py)
     kernel: str = "auto"      # "auto" (Triton on CUDA), "triton" or "torch" (mhc.py's reference)
     recompute: bool = False   # HC/mHC: recompute the streams and maps in the backward (less memory)
+    stream_dtype: str = "float32"  # HC/mHC: how the n-stream state is stored: "float32" or "bfloat16"
 
     def __post_init__(self):
         if self.residual not in mhc.RESIDUAL_MODES:
             raise ValueError(f"residual={self.residual!r} is not known; use one of "
                              f"{', '.join(mhc.RESIDUAL_MODES)}")
+        if self.stream_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"stream_dtype={self.stream_dtype!r} is not known; use float32 or bfloat16")
         if self.kernel not in mhc.KERNELS:
             raise ValueError(f"kernel={self.kernel!r} is not known; use one of {', '.join(mhc.KERNELS)}")
         for name in ("n_streams", "sinkhorn_iters", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -195,7 +198,7 @@ class GPT(nn.Module):
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         if self.config.residual != "residual":
-            x = mhc.expand_streams(x, self.config.n_streams)     # [B, T, n, C]
+            x = mhc.expand_streams(x, self.config.n_streams, getattr(torch, self.config.stream_dtype))  # [B, T, n, C]
         for block in self.transformer.h:
             x = block(x)
         if self.config.residual != "residual":

@@ -279,6 +279,11 @@ def _stream_blocks(n, C, elems=2048):
     return NP, BM, BC
 
 
+def _compute_dtype(x):
+    """The sublayer's input is at least fp32, also when the stream is stored in bf16."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _flat(x, n):
     """[..., n, C] -> contiguous [M, n, C]."""
     return x.reshape(-1, n, x.shape[-1]).contiguous()
@@ -289,7 +294,7 @@ def stream_pre(x: torch.Tensor, H_pre: torch.Tensor) -> torch.Tensor:
     """layer_in = H_pre . x: x [..., n, C], H_pre [..., n] -> [..., C] (dtype of x)."""
     n, C = x.shape[-2:]
     xf, hf = _flat(x, n), H_pre.reshape(-1, n).float().contiguous()
-    out = torch.empty(xf.shape[0], C, dtype=x.dtype, device=x.device)
+    out = torch.empty(xf.shape[0], C, dtype=_compute_dtype(x), device=x.device)
     NP, BM, BC = _stream_blocks(n, C)
     if xf.shape[0] > 0:
         _pre_fwd_kernel[(triton.cdiv(xf.shape[0], BM), triton.cdiv(C, BC))](xf, hf, out, xf.shape[0], C, n=n, NP=NP, BM=BM, BC=BC)
@@ -298,7 +303,7 @@ def stream_pre(x: torch.Tensor, H_pre: torch.Tensor) -> torch.Tensor:
 
 @stream_pre.register_fake
 def _(x, H_pre):
-    return x.new_empty((*x.shape[:-2], x.shape[-1]))
+    return x.new_empty((*x.shape[:-2], x.shape[-1]), dtype=_compute_dtype(x))
 
 
 @torch.library.custom_op("mhc::stream_pre_bwd", mutates_args=())
@@ -539,7 +544,7 @@ def mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Te
     xf = _flat(x, n)
     M = xf.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
-    out = torch.empty(M, C, dtype=x.dtype, device=x.device)
+    out = torch.empty(M, C, dtype=_compute_dtype(x), device=x.device)
     H_pre, H_post, H_res = torch.empty(M, n, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32)
     h, r = torch.empty(M, K, **f32), torch.empty(M, **f32)
     NP, BM, BK, BC = _pre_blocks(n, C)
@@ -557,7 +562,7 @@ def _(x, phi, alpha, b, iters):
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     f32 = dict(dtype=torch.float32, device=x.device)
-    return (x.new_empty((*lead, C)), torch.empty(*lead, n, **f32), torch.empty(*lead, n, **f32),
+    return (x.new_empty((*lead, C), dtype=_compute_dtype(x)), torch.empty(*lead, n, **f32), torch.empty(*lead, n, **f32),
             torch.empty(*lead, n, n, **f32), torch.empty(*lead, 2 * n + n * n, **f32), torch.empty(lead, **f32))
 
 
@@ -607,7 +612,7 @@ def _mhc_pre_backward(ctx, g_in, g_pre, g_post, g_res, g_h, g_r):
     def grad(g, *shape, dtype=torch.float32):  # an output that was not used has no gradient
         return g if g is not None else torch.zeros(*lead, *shape, dtype=dtype, device=x.device)
 
-    dx, dacc, dz = mhc_pre_bwd(grad(g_in, C, dtype=x.dtype), grad(g_pre, n), grad(g_post, n), grad(g_res, n, n),
+    dx, dacc, dz = mhc_pre_bwd(grad(g_in, C, dtype=_compute_dtype(x)), grad(g_pre, n), grad(g_post, n), grad(g_res, n, n),
                                x, phi, alpha, b, h, r, H_pre, ctx.iters)
     # the reductions over tokens: dphi = v^T dacc (a GEMM), db = sum dz, dalpha = sum dz * h per map
     dphi = x.reshape(dacc.shape[0], -1).float().t() @ dacc

@@ -217,6 +217,7 @@ def test_mhc_gain_bounded_where_unconstrained_maps_explode():
 
 def test_config_errors_name_the_field():
     cases = [(dict(residual="mhcc"), "residual.*residual, hc, mhc"), (dict(n_streams=0), "n_streams"),
+             (dict(kernel="cuda"), "kernel.*auto, triton, torch"), (dict(stream_dtype="fp8"), "stream_dtype"),
              (dict(sinkhorn_iters=0), "sinkhorn_iters"), (dict(n_embd=100, n_head=3), "n_embd.*n_head")]
     for kwargs, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
@@ -283,6 +284,26 @@ def test_each_mode_learns_real_text(residual):
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(50304), abs=0.3)
     assert losses[-1] < losses[0] - 3.0
+
+
+def test_bf16_stream_trains_like_fp32():
+    # the stream stored in bf16 (sums still in fp32): same learning curve within a small tolerance
+    tokens = torch.tensor(shakespeare_tokens(4 * 33)).view(4, 33)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    curves = {}
+    for stream_dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(residual="mhc", stream_dtype=stream_dtype, **TINY))
+        opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+        curves[stream_dtype] = []
+        for _ in range(25):
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curves[stream_dtype].append(loss.item())
+    diffs = [abs(a - b) for a, b in zip(curves["float32"], curves["bfloat16"])]
+    assert max(diffs) < 0.05 and curves["bfloat16"][-1] < curves["bfloat16"][0] - 3.0
 
 
 def test_generate_returns_requested_tokens():
@@ -427,6 +448,24 @@ def test_recompute_gives_the_same_loss_and_gradients(kernel):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@needs_triton
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_kernels_with_a_bf16_stream(residual):
+    torch.manual_seed(0)
+    cfg = dict(TINY, n_layer=1, block_size=16, residual=residual, stream_dtype="bfloat16")
+    ref = GPT(GPTConfig(kernel="torch", **cfg)).to(DEVICE)
+    tri = GPT(GPTConfig(kernel="triton", **cfg)).to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
+    (_, loss_ref), (_, loss_tri) = ref(idx, idx), tri(idx, idx)
+    loss_ref.backward()
+    loss_tri.backward()
+    assert loss_tri.item() == pytest.approx(loss_ref.item(), rel=1e-3)
+    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
+        # both round the stream and its gradient to bf16 (8-bit mantissa), at different points
+        assert max_rel_err(q.grad, p.grad.double()) < 0.1, name
 
 
 @needs_triton

@@ -48,6 +48,7 @@ DEFAULTS = dict(
     res_init=6.0,               # mHC's H_res bias: diagonal logit gap at init (mhc.py)
     kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
     recompute=False,            # HC/mHC: recompute streams and maps in the backward (less memory)
+    stream_dtype="float32",     # HC/mHC: store the n-stream state in "float32" or "bfloat16"
     # AdamW, cosine schedule with linear warmup
     learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,              # 0 disables clipping (the norm is still logged)
@@ -62,7 +63,7 @@ DEFAULTS = dict(
 )
 # settings a checkpoint must agree with to be resumed (dropout may change)
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
-              "residual", "n_streams", "sinkhorn_iters", "res_init")
+              "residual", "n_streams", "sinkhorn_iters", "res_init", "stream_dtype")
 
 
 def die(msg):
