@@ -6,6 +6,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=kernels       # Sinkhorn and stream mixing only
     python bench.py --only=e2e --n_streams=2
     python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
+    python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
 
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
 the least (every input read once, every output written once), and "% copy" compares the
@@ -25,7 +26,7 @@ from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
-    only="all",             # "all", "kernels" or "e2e"
+    only="all",             # "all", "kernels", "e2e", or "ptxas" (compile for sm_90, no GPU needed)
     device="auto",          # "cpu" runs a tiny smoke version (no meaningful times)
     matrices=393216,        # Sinkhorn: 16k tokens x 24 sublayers
     tokens=16384,           # stream mixing: tokens of one sublayer
@@ -217,6 +218,54 @@ def _median_steps(step, steps):
     return statistics.median(times)
 
 
+def ptxas_report():
+    """Compile every kernel for an H100 (sm_90) without a GPU and print ptxas's register and
+    spill counts: a check that the compiled path builds, with no timing in it."""
+    import os
+    import subprocess
+    import tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import sinkhorn_kernel as sk
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    print(f"\nkernels compiled for sm_90 by Triton {triton.__version__} (no GPU needed)")
+    print(f"{'kernel':<34} {'regs':>5} {'spill bytes':>12}")
+
+    def report(name, fn, ptrs, consts, warps=4, ints=("M", "C")):
+        sig = {p: "*fp32" for p in ptrs} | {i: "i32" for i in ints} | {k: "constexpr" for k in consts}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        fields = dict(kv.split(":") for kv in usage.split("Resource usage:")[-1].split() if ":" in kv)
+        print(f"{name:<34} {fields.get('REG', '?'):>5} {fields.get('STACK', '?'):>12}")
+
+    for n in (4, 8):
+        NP, BLOCK, _ = sk._sinkhorn_launch_args(1, n, 20)
+        c = dict(n=n, NP=NP, ITERS=20)
+        report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), ints=("N",))
+        report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr"],
+               c | dict(TP=32, BLOCK=max(1, BLOCK // 2)), ints=("N",))
+        NP, BM, BC = sk._stream_blocks(n, 768)
+        c = dict(n=n, NP=NP, BM=BM, BC=BC)
+        report(f"stream_pre fwd n={n} C=768", sk._pre_fwd_kernel, ["x_ptr", "h_ptr", "out_ptr"], c)
+        report(f"stream_pre bwd n={n} C=768", sk._pre_bwd_kernel, ["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"], c)
+        report(f"stream_post fwd n={n} C=768", sk._post_fwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "out_ptr"], c)
+        NP, BM, BC = sk._stream_blocks(n, 768, elems=1024)
+        report(f"stream_post bwd n={n} C=768", sk._post_bwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr",
+               "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, NP=NP, BM=BM, BC=BC))
+        NP, BM, BK, BC = sk._pre_blocks(n, 768)
+        c = dict(n=n, NP=NP, K=2 * n + n * n, ITERS=20, BM=BM, BK=BK, BC=BC)
+        report(f"mhc_pre fwd n={n} C=768", sk._mhc_pre_fwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr",
+               "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"], c, warps=sk.PRE_WARPS)
+        report(f"mhc_pre bwd n={n} C=768", sk._mhc_pre_bwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "h_ptr", "r_ptr",
+               "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "dx_ptr", "dacc_ptr", "dz_ptr"],
+               c | dict(TP=32), warps=sk.PRE_WARPS)
+
+
 def main(argv):
     c = dict(DEFAULTS)
     try:
@@ -224,6 +273,8 @@ def main(argv):
     except ConfigError as e:
         sys.exit(f"error: {e}")
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "none")
+    if c["only"] == "ptxas":
+        return ptxas_report()
     if device == "none":
         print("No CUDA GPU found: bench.py times GPU kernels and training steps, so there is nothing to "
               "measure here. (--device=cpu runs a tiny smoke version whose times mean nothing.)")

@@ -23,6 +23,8 @@ g_x = g_y - exp(y) * sum(g_y) along the normalized axis, so each step needs only
 """
 import os
 
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, kept (and its warning silenced)
+
 import torch
 import triton
 import triton.language as tl
@@ -524,6 +526,9 @@ def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr
         tl.store(dx_ptr + m[:, None] * NC + k[None, :], dv + hp * g, mask=mk)
 
 
+PRE_WARPS = 8  # warps per program of the fused pre step (see _pre_blocks)
+
+
 def _pre_blocks(n, C):
     """Tiles of the fused pre step: BM tokens; BK of the nC inputs per step of the projection,
     so that its [BM, BK, NP*NP] product stays small; BC channels for the read. With 8 warps these
@@ -551,7 +556,7 @@ def mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Te
     if M > 0:
         _mhc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, phi.float().contiguous(), alpha.float().contiguous(),
                                                    b.float().contiguous(), out, H_pre, H_post, H_res, h, r, M, C,
-                                                   n=n, NP=NP, K=K, ITERS=iters, BM=BM, BK=BK, BC=BC, num_warps=8)
+                                                   n=n, NP=NP, K=K, ITERS=iters, BM=BM, BK=BK, BC=BC, num_warps=PRE_WARPS)
     lead = x.shape[:-2]
     return (out.view(*lead, C), H_pre.view(*lead, n), H_post.view(*lead, n), H_res.view(*lead, n, n),
             h.view(*lead, K), r.view(lead))
@@ -586,7 +591,7 @@ def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g
             xf, phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous(), flat(h, K), flat(r),
             flat(H_pre, n), g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n),
             dx, dacc, dz, M, C, n=n, NP=NP, K=K, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BK=BK, BC=BC,
-            num_warps=8)
+            num_warps=PRE_WARPS)
     return dx.view(x.shape), dacc, dz
 
 
