@@ -19,6 +19,7 @@ This file is the readable reference: every function is the exact math, autograd 
 backward. sinkhorn_kernel.py holds the fast Triton versions; the tests check them against this.
 Stream tensors are laid out as [..., n, C] (e.g. [B, T, n, C]).
 """
+import itertools
 import math
 import os
 
@@ -31,7 +32,7 @@ try:  # the Triton kernels; without Triton (Windows, macOS) the PyTorch path bel
 except ImportError:
     triton_kernels = None
 
-RESIDUAL_MODES = ("residual", "hc", "mhc")
+RESIDUAL_MODES = ("residual", "hc", "mhc", "mhc_lite")
 KERNELS = ("auto", "triton", "torch")
 
 
@@ -104,17 +105,22 @@ class Connection(nn.Module):
     matrices only), as the HC paper asks for the static parts.
     """
 
-    def __init__(self, n, C, kernel="torch"):
+    def __init__(self, n, C, kernel="torch", res_mixing=True):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r} is not known; use one of {', '.join(KERNELS)}")
-        self.n, self.C, self.kernel = n, C, kernel
+        self.n, self.C, self.kernel, self.res_mixing = n, C, kernel, res_mixing
 
-    def split(self, h):
-        """[..., 2n + n^2] -> ([..., n], [..., n], [..., n, n])."""
-        n = self.n
-        pre, post, res = h.split([n, n, n * n], dim=-1)
-        return pre, post, res.unflatten(-1, (n, n))
+    def learnable(self, name, value, dynamic):
+        """A parameter, or (ablation dynamic=False) a constant zero: no token-dependent term."""
+        if dynamic:
+            setattr(self, name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, torch.zeros_like(value))
+
+    def mixing(self, H_res):
+        """H_res, or the identity for the ablation res_mixing=False (streams never mix)."""
+        return H_res if self.res_mixing else torch.eye(self.n, device=H_res.device).expand_as(H_res)
 
     def forward(self, x, sublayer):
         if use_triton(self.kernel, x):
@@ -141,21 +147,22 @@ class HyperConnection(Connection):
     then exactly the residual GPT. HC has no constraint: its maps can grow without bound.
     """
 
-    def __init__(self, n, C, layer_id, kernel="torch"):
-        super().__init__(n, C, kernel)
-        self.W = nn.Parameter(torch.zeros(C, n + 2))   # per stream: [pre, post, res column]
-        self.s = nn.Parameter(torch.full((3,), 0.01))   # scales of pre, post, res
+    def __init__(self, n, C, layer_id, kernel="torch", dynamic=True, res_mixing=True):
+        super().__init__(n, C, kernel, res_mixing)
+        self.learnable("W", torch.zeros(C, n + 2), dynamic)   # per stream: [pre, post, res column]
+        self.learnable("s", torch.full((3,), 0.01), dynamic)  # scales of pre, post, res
         b_pre = F.one_hot(torch.tensor(layer_id % n), n).float()
         self.b = nn.Parameter(torch.cat([b_pre, torch.ones(n), torch.eye(n).flatten()]))
 
     def maps(self, x):
+        n = self.n
         with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
             d = torch.tanh(F.rms_norm(x.to(self.W.dtype), (self.C,)) @ self.W)  # [..., n, n + 2]
-            b_pre, b_post, b_res = self.split(self.b)
+            b_pre, b_post, b_res = self.b.split([n, n, n * n])
             H_pre = b_pre + self.s[0] * d[..., 0]
             H_post = b_post + self.s[1] * d[..., 1]
-            H_res = b_res + self.s[2] * d[..., 2:].transpose(-1, -2)  # H_res[i, j] from stream j
-        return H_pre, H_post, H_res
+            H_res = b_res.view(n, n) + self.s[2] * d[..., 2:].transpose(-1, -2)  # H_res[i, j] from stream j
+        return H_pre, H_post, self.mixing(H_res)
 
 
 class ManifoldHyperConnection(Connection):
@@ -184,40 +191,83 @@ class ManifoldHyperConnection(Connection):
     equal until phi and the biases learn to tell them apart.
     """
 
-    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch"):
-        super().__init__(n, C, kernel)
-        self.sinkhorn_iters = sinkhorn_iters
-        self.phi = nn.Parameter(torch.randn(n * C, 2 * n + n * n) / math.sqrt(n * C))
-        self.alpha = nn.Parameter(torch.full((3,), 0.01))  # gates of pre, post, res
+    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch", dynamic=True,
+                 res_mixing=True, n_res=None):
+        super().__init__(n, C, kernel, res_mixing)
+        self.sinkhorn_iters, self.n_res = sinkhorn_iters, n_res or n * n
+        self.learnable("phi", torch.randn(n * C, 2 * n + self.n_res) / math.sqrt(n * C), dynamic)
+        self.learnable("alpha", torch.full((3,), 0.01), dynamic)  # gates of pre, post, res
         b_pre = 2 * F.one_hot(torch.tensor(layer_id % n), n).float() - 1
-        b_res = res_init * torch.eye(n)
-        self.b = nn.Parameter(torch.cat([b_pre, torch.zeros(n), b_res.flatten()]))
+        self.b = nn.Parameter(torch.cat([b_pre, torch.zeros(n), self.res_bias(res_init)]))
+
+    def res_bias(self, res_init):
+        return (res_init * torch.eye(self.n)).flatten()
+
+    def res_map(self, logits, x):
+        """Eq. 4's H_res from the gated logits [..., n*n]: the Sinkhorn projection."""
+        project = triton_kernels.sinkhorn if use_triton(self.kernel, x) else sinkhorn
+        return project(logits.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
 
     def maps(self, x):
+        n = self.n
         with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
             v = x.to(self.phi.dtype).flatten(-2)                                    # [..., nC]
             h = (v @ self.phi) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)  # Eq. (2)
-            h_pre, h_post, h_res = self.split(h)
-            b_pre, b_post, b_res = self.split(self.b)
+            h_pre, h_post, h_res = h.split([n, n, self.n_res], dim=-1)
+            b_pre, b_post, b_res = self.b.split([n, n, self.n_res])
             H_pre = torch.sigmoid(self.alpha[0] * h_pre + b_pre)                      # Eq. (3, 4)
             H_post = 2 * torch.sigmoid(self.alpha[1] * h_post + b_post)
-            project = triton_kernels.sinkhorn if use_triton(self.kernel, x) else sinkhorn
-            H_res = project(self.alpha[2] * h_res + b_res, self.sinkhorn_iters)
-        return H_pre, H_post, H_res
-
+            H_res = self.res_map(self.alpha[2] * h_res + b_res, x)
+        return H_pre, H_post, self.mixing(H_res)
 
     def fused_pre(self, x):
         # Eqs. 2-4 and H_pre . x in one kernel that reads the stream once (sinkhorn_kernel.mhc_pre)
         layer_in, _, H_post, H_res, _, _ = triton_kernels.mhc_pre(x, self.phi, self.alpha, self.b, self.sinkhorn_iters)
-        return layer_in, H_post, H_res
+        return layer_in, H_post, self.mixing(H_res)
 
 
-def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch"):
-    """The connection for sublayer `layer_id` (0, 1, 2, ... in depth order)."""
+class ManifoldHyperConnectionLite(ManifoldHyperConnection):
+    """mHC-lite (Yang & Gao 2026): H_res = sum_r softmax(alpha h_res + b_res)_r P_r, a convex
+    combination of the n! permutation matrices P_r. Exactly doubly stochastic by construction, with
+    no iterations; everything else is mHC. phi gives 2n + n! coefficients (n = 4: 8 + 24).
+
+    b_res starts on the identity permutation, with the logit that gives H_res the same diagonal
+    as mHC's Sinkhorn(res_init * I), so the two start from the same mixing and differ only in how
+    they can learn to move away from it."""
+
+    def __init__(self, n, C, layer_id, res_init=6.0, kernel="torch", dynamic=True, res_mixing=True):
+        if n > 5:
+            raise ValueError(f"mhc_lite mixes all n! permutation matrices: n_streams={n} would give "
+                             f"{math.factorial(n):,}; use n_streams <= 5")
+        super().__init__(n, C, layer_id, 0, res_init, kernel, dynamic, res_mixing, n_res=math.factorial(n))
+        perms = list(itertools.permutations(range(n)))  # the identity first
+        self.register_buffer("P", torch.eye(n)[torch.tensor(perms)], persistent=False)  # P_r[i, perm_r(i)] = 1
+
+    def res_bias(self, res_init):
+        N, n = math.factorial(self.n), self.n
+        d = math.exp(res_init) / (math.exp(res_init) + n - 1)  # mHC's initial diagonal
+        # (n-1)! permutations fix a given stream, the identity among them: with logit g on the
+        # identity and 0 elsewhere the diagonal is (e^g + (n-1)! - 1) / (e^g + n! - 1) = d
+        g = math.log((d * (N - 1) - (math.factorial(n - 1) - 1)) / (1 - d)) if n > 1 else 0.0
+        return F.one_hot(torch.tensor(0), N).float() * g
+
+    def res_map(self, logits, x):
+        return torch.einsum("...r,rij->...ij", torch.softmax(logits, dim=-1), self.P)
+
+    fused_pre = Connection.fused_pre  # its maps, then the read kernel (mhc_pre knows only Sinkhorn)
+
+
+def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch", dynamic=True,
+                    res_mixing=True):
+    """The connection for sublayer `layer_id` (0, 1, 2, ... in depth order). dynamic=False and
+    res_mixing=False are the paper's ablations: static maps only, and H_res fixed to I."""
+    options = dict(kernel=kernel, dynamic=dynamic, res_mixing=res_mixing)
     if residual == "hc":
-        return HyperConnection(n, C, layer_id, kernel)
+        return HyperConnection(n, C, layer_id, **options)
     if residual == "mhc":
-        return ManifoldHyperConnection(n, C, layer_id, sinkhorn_iters, res_init, kernel)
+        return ManifoldHyperConnection(n, C, layer_id, sinkhorn_iters, res_init, **options)
+    if residual == "mhc_lite":
+        return ManifoldHyperConnectionLite(n, C, layer_id, res_init, **options)
     raise ValueError(f"residual must be one of {RESIDUAL_MODES} to build a connection, got {residual!r}")
 
 

@@ -26,18 +26,23 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True         # biases in Linear and LayerNorm, as GPT-2
-    residual: str = "residual"  # "residual" | "hc" | "mhc"
+    residual: str = "residual"  # "residual" | "hc" | "mhc" | "mhc_lite"
     n_streams: int = 4        # n, the expansion rate (ignored by "residual", which is n = 1)
     sinkhorn_iters: int = 20  # t_max of the mHC Sinkhorn-Knopp projection
     res_init: float = 6.0     # mHC: diagonal logit gap of the H_res bias at init (see mhc.py)
     kernel: str = "auto"      # "auto" (Triton on CUDA), "triton" or "torch" (mhc.py's reference)
     recompute: bool = False   # HC/mHC: recompute the streams and maps in the backward (less memory)
     stream_dtype: str = "float32"  # HC/mHC: how the n-stream state is stored: "float32" or "bfloat16"
+    dynamic: bool = True      # ablation: False keeps only the static (bias) part of every map
+    res_mixing: bool = True   # ablation: False fixes H_res = I (the streams never mix)
 
     def __post_init__(self):
         if self.residual not in mhc.RESIDUAL_MODES:
             raise ValueError(f"residual={self.residual!r} is not known; use one of "
                              f"{', '.join(mhc.RESIDUAL_MODES)}")
+        if self.residual == "mhc_lite" and self.n_streams > 5:
+            raise ValueError(f"n_streams={self.n_streams} is too many for mhc_lite, which mixes all n! "
+                             f"permutation matrices; allowed: n_streams <= 5")
         if self.stream_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"stream_dtype={self.stream_dtype!r} is not known; use float32 or bfloat16")
         if self.kernel not in mhc.KERNELS:
@@ -130,7 +135,8 @@ class Block(nn.Module):
         self.recompute = self.streams and config.recompute
         if self.streams:
             args = (config.residual, config.n_streams, config.n_embd)
-            kw = dict(sinkhorn_iters=config.sinkhorn_iters, res_init=config.res_init, kernel=config.kernel)
+            kw = dict(sinkhorn_iters=config.sinkhorn_iters, res_init=config.res_init, kernel=config.kernel,
+                      dynamic=config.dynamic, res_mixing=config.res_mixing)
             self.conn_attn = mhc.make_connection(*args, layer_id=2 * layer_idx, **kw)
             self.conn_mlp = mhc.make_connection(*args, layer_id=2 * layer_idx + 1, **kw)
 

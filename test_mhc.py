@@ -183,6 +183,45 @@ def test_connection_gradients_in_float64():
             conn, dict(zip([k for k, _ in conn.named_parameters()], p)), (x, F)), (x, *params))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_mhc_lite_is_exactly_doubly_stochastic(n):
+    torch.manual_seed(n)
+    conn = mhc.ManifoldHyperConnectionLite(n, 8, layer_id=0, res_init=6.0)
+    assert conn.P.shape == (math.factorial(n), n, n)
+    with torch.no_grad():
+        conn.alpha.fill_(3.0)  # strongly token-dependent
+    _, _, H_res = conn.maps(torch.randn(50, n, 8))
+    assert (H_res >= 0).all()
+    torch.testing.assert_close(H_res.sum(-1), torch.ones(50, n), atol=1e-6, rtol=0)
+    torch.testing.assert_close(H_res.sum(-2), torch.ones(50, n), atol=1e-6, rtol=0)  # columns too, exactly
+    # it starts from the same diagonal as mHC's Sinkhorn(res_init * I)
+    with torch.no_grad():
+        conn.alpha.zero_()
+    _, _, H_res = conn.maps(torch.randn(3, n, 8))
+    _, _, H_mhc = mhc.ManifoldHyperConnection(n, 8, layer_id=0, res_init=6.0).maps(torch.randn(3, n, 8))
+    torch.testing.assert_close(H_res.diagonal(dim1=-2, dim2=-1), H_mhc.diagonal(dim1=-2, dim2=-1), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="n_streams <= 5"):
+        GPTConfig(residual="mhc_lite", n_streams=6)
+
+
+@pytest.mark.parametrize("residual", ["hc", "mhc", "mhc_lite"])
+def test_ablations(residual):
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    static = mhc.make_connection(residual, 4, 8, layer_id=1, dynamic=False)
+    assert not [name for name, _ in static.named_parameters() if name != "b"]  # only the static part learns
+    for a, b in zip(static.maps(x1), static.maps(x2)):
+        torch.testing.assert_close(a, b)  # the maps no longer depend on the token
+    frozen = mhc.make_connection(residual, 4, 8, layer_id=1, res_mixing=False)
+    with torch.no_grad():
+        frozen.b.normal_()
+    torch.testing.assert_close(frozen.maps(x1)[2], torch.eye(4).expand(2, 4, 4))
+    F = torch.nn.Linear(8, 8)
+    H_pre, H_post, _ = frozen.maps(x1)
+    expected = x1 + H_post[..., None] * F((H_pre[..., None] * x1).sum(-2))[..., None, :]
+    torch.testing.assert_close(frozen(x1, F), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # diagnostics
 
@@ -216,7 +255,7 @@ def test_mhc_gain_bounded_where_unconstrained_maps_explode():
 # the model
 
 def test_config_errors_name_the_field():
-    cases = [(dict(residual="mhcc"), "residual.*residual, hc, mhc"), (dict(n_streams=0), "n_streams"),
+    cases = [(dict(residual="mhcc"), "residual.*residual, hc, mhc, mhc_lite"), (dict(n_streams=0), "n_streams"),
              (dict(kernel="cuda"), "kernel.*auto, triton, torch"), (dict(stream_dtype="fp8"), "stream_dtype"),
              (dict(sinkhorn_iters=0), "sinkhorn_iters"), (dict(n_embd=100, n_head=3), "n_embd.*n_head")]
     for kwargs, pattern in cases:
@@ -266,7 +305,7 @@ def shakespeare_tokens(n):
         return get_tokenizer().encode_ordinary(f.read(20_000))[:n]
 
 
-@pytest.mark.parametrize("residual", ["residual", "hc", "mhc"])
+@pytest.mark.parametrize("residual", ["residual", "hc", "mhc", "mhc_lite"])
 def test_each_mode_learns_real_text(residual):
     torch.manual_seed(0)
     tokens = torch.tensor(shakespeare_tokens(4 * 33)).view(4, 33)
@@ -406,9 +445,10 @@ def test_kernel_fused_mhc_pre_step(n, C, M):
 
 
 @needs_triton
-@pytest.mark.parametrize("residual", ["hc", "mhc"])
-def test_model_same_loss_and_gradients_with_triton_and_torch(residual):
-    cfg = dict(TINY, n_layer=1, block_size=16, n_streams=3 if residual == "hc" else 4)
+@pytest.mark.parametrize("residual,options", [("hc", {}), ("mhc", {}), ("mhc_lite", {}),
+                                              ("mhc", dict(dynamic=False)), ("mhc", dict(res_mixing=False))])
+def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
+    cfg = dict(TINY, n_layer=1, block_size=16, n_streams=3 if residual == "hc" else 4, **options)
     torch.manual_seed(0)
     ref = GPT(GPTConfig(residual=residual, kernel="torch", **cfg)).to(DEVICE)
     tri = GPT(GPTConfig(residual=residual, kernel="triton", **cfg)).to(DEVICE)
@@ -620,6 +660,7 @@ def test_train_each_mode(data_dir, tmp_root, residual):
     else:
         for r in evals:
             assert len(r["gain_by_depth"]) == 4 and r["gain_by_depth"][-1] == [r["fwd_gain"], r["bwd_gain"]]
+            assert np.array(r["h_res"]).shape == (4, 4, 4)
             assert r["dist_identity"] >= 0 and r["dist_uniform"] >= 0
         if residual == "mhc":
             assert evals[-1]["fwd_gain"] == pytest.approx(1.0, abs=1e-4)
@@ -649,7 +690,7 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     args = [f"--data_dir={data_dir}", "--device=cpu", "--compile=False", "--residual=mhc", "--n_layer=2",
             "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2",
             "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=0",
-            "--learning_rate=1e-3"]
+            "--learning_rate=1e-3", f"--extra_val={data_dir / 'val.bin'}"]
     run("train.py", *args, f"--out_dir={tmp_path / 'one'}")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=HERE, capture_output=True,
@@ -659,8 +700,8 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(one) == len(two) == 3 + 4
     for a, b in zip(one, two):
-        for field in ("loss", "grad_norm", "train_loss", "val_loss"):
-            if field in a:
+        for field in ("loss", "grad_norm", "train_loss", "val_loss", "extra_val_loss"):
+            if field in a or "val_loss" in a and field == "extra_val_loss":
                 assert b[field] == pytest.approx(a[field], rel=1e-4), field
     assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.1  # it did train
 
@@ -673,6 +714,16 @@ def test_sample_prints_text(data_dir, tmp_root):
     assert len(samples) == 2 and all(s.strip().startswith("ROMEO:") and len(s.strip()) > 8 for s in samples)
     assert run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=12",
                "--device=cpu", "--seed=3").stdout == p.stdout  # --seed makes it repeatable
+
+
+def test_plot_makes_the_readme_pictures(data_dir, tmp_root, tmp_path):
+    pytest.importorskip("matplotlib")  # optional dependency; .ci/run installs it
+    runs = [train_once(data_dir, tmp_root, r)[0] for r in ("residual", "hc", "mhc")]
+    p = run("plot.py", *runs, f"--out_dir={tmp_path}", "--labels=residual,HC,mHC")
+    for name in ("loss.png", "grad_norm.png", "gain.png", "h_res.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "wrote" in p.stdout
+    assert_clean_error(run("plot.py", str(tmp_path / "nothing"), ok=False), "log.jsonl")
 
 
 def test_train_bad_input(data_dir, tmp_root, tmp_path):

@@ -29,6 +29,7 @@ DEFAULTS = dict(
     # I/O
     out_dir="out",              # ckpt.pt and log.jsonl go here
     data_dir="data/openwebtext",  # train.bin, val.bin (and meta.json) from prepare_data.py
+    extra_val="",               # a second validation set: a data dir with val.bin, or a .bin file
     init_from="scratch",        # "scratch" or "resume" (from out_dir/ckpt.pt)
     eval_interval=2000,         # evaluate, log the gains and save a checkpoint every this many steps
     eval_iters=200,             # batches per loss estimate
@@ -42,13 +43,15 @@ DEFAULTS = dict(
     gradient_accumulation_steps=1,  # config/gpt2_124m_8gpu.py: 40, for 0.5M tokens a step
     # model
     n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False,
-    residual="mhc",             # "residual" | "hc" | "mhc"
+    residual="mhc",             # "residual" | "hc" | "mhc" | "mhc_lite"
     n_streams=4,                # n, the number of streams (hc, mhc)
     sinkhorn_iters=20,          # mHC's Sinkhorn-Knopp iterations
     res_init=6.0,               # mHC's H_res bias: diagonal logit gap at init (mhc.py)
     kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
     recompute=False,            # HC/mHC: recompute streams and maps in the backward (less memory)
     stream_dtype="float32",     # HC/mHC: store the n-stream state in "float32" or "bfloat16"
+    dynamic=True,               # ablation: False keeps only the static part of the maps
+    res_mixing=True,            # ablation: False fixes H_res = I
     # AdamW, cosine schedule with linear warmup
     learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,              # 0 disables clipping (the norm is still logged)
@@ -63,7 +66,7 @@ DEFAULTS = dict(
 )
 # settings a checkpoint must agree with to be resumed (dropout may change)
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
-              "residual", "n_streams", "sinkhorn_iters", "res_init", "stream_dtype")
+              "residual", "n_streams", "sinkhorn_iters", "res_init", "stream_dtype", "dynamic", "res_mixing")
 
 
 def die(msg):
@@ -96,13 +99,15 @@ class Data:
     takes its own share of them: the batches are the same whatever the number of processes, and
     a resumed run sees exactly the batches the uninterrupted run would have seen."""
 
-    def __init__(self, data_dir, block_size, batch_size, seed, device):
+    def __init__(self, data_dir, block_size, batch_size, seed, device, extra_val=""):
         self.paths = {}
-        for split in ("train", "val"):
-            path = os.path.join(data_dir, f"{split}.bin")
+        splits = {"train": os.path.join(data_dir, "train.bin"), "val": os.path.join(data_dir, "val.bin")}
+        if extra_val:
+            splits["extra_val"] = extra_val if extra_val.endswith(".bin") else os.path.join(extra_val, "val.bin")
+        for split, path in splits.items():
             if not os.path.exists(path):
                 die(f"{path} not found. Make it with: python prepare_data.py --dataset=shakespeare "
-                    f"--out_dir={data_dir}   (or --dataset=openwebtext, or --input=YOUR_TEXT)")
+                    f"--out_dir={os.path.dirname(path) or '.'}   (or --dataset=openwebtext, or --input=YOUR_TEXT)")
             n = os.path.getsize(path) // 2
             if n < block_size + 1:
                 die(f"{path} has {n} tokens, fewer than block_size+1={block_size + 1}; "
@@ -179,7 +184,7 @@ def main(argv):
         if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             die("--kernel=triton needs a CUDA GPU; use --kernel=torch on the CPU")
 
-    data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device)
+    data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     if master:
         os.makedirs(c["out_dir"], exist_ok=True)
@@ -271,7 +276,7 @@ def main(argv):
         split), shared out between the processes and summed across them."""
         out = {}
         model.eval()
-        for key, split in enumerate(("train", "val")):
+        for key, split in enumerate(data.paths):  # train, val, and extra_val if given
             starts = data.windows(split, c["eval_iters"] * c["batch_size"], key=-1 - key)
             total = torch.zeros(2, device=device)
             for k in range(rank, c["eval_iters"], world):
@@ -297,7 +302,7 @@ def main(argv):
         to_id, to_unif = mhc.composite_distance(mats)
         by_depth = [list(mhc.gain_magnitude(mats[:d + 1])) for d in range(len(mats))]
         return dict(fwd_gain=fwd, bwd_gain=bwd, dist_identity=to_id, dist_uniform=to_unif,
-                    gain_by_depth=by_depth)
+                    gain_by_depth=by_depth, h_res=[[[round(v, 5) for v in r] for r in m.tolist()] for m in mats])
 
     # --- the loop --------------------------------------------------------------------------------
     t0, last_log_iter, start_iter, running_mfu = time.time(), iter_num, iter_num, -1.0
@@ -310,6 +315,8 @@ def main(argv):
             losses = estimate_loss()
             row = dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr,
                        tokens=iter_num * tokens_per_iter)
+            if "extra_val" in losses:
+                row["extra_val_loss"] = losses["extra_val"]
             if not all(map(math.isfinite, losses.values())):
                 die(f"the loss is {losses['val']} at iter {iter_num}; stopping. The last good checkpoint "
                     f"stays in {ckpt_path}. Try a lower --learning_rate, --grad_clip=1.0 or --dtype=bfloat16")
@@ -361,6 +368,8 @@ def main(argv):
                 running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
             row = dict(iter=iter_num - 1, loss=loss_val, lr=lr, grad_norm=grad_norm.item(),
                        ms=1000 * dt, tokens_per_s=tokens_per_iter / dt, mfu=running_mfu if running_mfu >= 0 else None)
+            if device_type == "cuda":
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if master:
                 note = "  (includes compilation)" if iter_num - start_iter == 1 and c["compile"] else ""
                 mfu_text = f", mfu {running_mfu:.1%}" if running_mfu >= 0 else ""
