@@ -100,7 +100,7 @@ class Connection(nn.Module):
     """Wraps any sublayer F: [..., C] -> [..., C] as x_next = H_res x + H_post^T F(H_pre x).
 
     Subclasses implement maps(x) -> (H_pre [..., n], H_post [..., n], H_res [..., n, n]).
-    All static parts live in one flat parameter `b` laid out as [pre (n) | post (n) | res (n*n)],
+    All static parts live in one flat parameter `b`, [pre (n) | post (n) | res (n*n; mHC-lite n!)],
     the same layout as the coefficients; being 1-D it gets no weight decay (model.py decays
     matrices only), as the HC paper asks for the static parts.
     """
@@ -120,7 +120,7 @@ class Connection(nn.Module):
 
     def mixing(self, H_res):
         """H_res, or the identity for the ablation res_mixing=False (streams never mix)."""
-        return H_res if self.res_mixing else torch.eye(self.n, device=H_res.device).expand_as(H_res)
+        return H_res if self.res_mixing else torch.eye(self.n, dtype=H_res.dtype, device=H_res.device).expand_as(H_res)
 
     def forward(self, x, sublayer):
         if use_triton(self.kernel, x):
@@ -188,7 +188,7 @@ class ManifoldHyperConnection(Connection):
       0.53 over 64, where g = 4 would keep 0.01 over 64 (streams collapsed to one mix before
       training starts) and g = 8 leaves the off-diagonals 8x less gradient (about 3e-4 weight).
     Since every stream starts as the same copy and the rows of H_res sum to 1, the streams stay
-    equal until phi and the biases learn to tell them apart.
+    nearly equal (up to the 1% token-dependent term) until phi and the biases learn to tell them apart.
     """
 
     def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch", dynamic=True,
