@@ -205,7 +205,7 @@ def _coef(ptr, m, M, n: tl.constexpr, NP: tl.constexpr, stride: tl.constexpr, st
 @triton.jit
 def _pre_fwd_kernel(x_ptr, h_ptr, out_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
                     BM: tl.constexpr, BC: tl.constexpr):
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
     h = _coef(h_ptr, m, M, n, NP, n, 1, 0)                                  # H_pre [BM, NP]
@@ -216,7 +216,7 @@ def _pre_fwd_kernel(x_ptr, h_ptr, out_ptr, M, C, n: tl.constexpr, NP: tl.constex
 @triton.jit
 def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
                     BM: tl.constexpr, BC: tl.constexpr):
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     h = _coef(h_ptr, m, M, n, NP, n, 1, 0)
     dh = tl.zeros((BM, NP), dtype=tl.float32)
     for c0 in range(0, C, BC):
@@ -232,7 +232,7 @@ def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, M, C, n: tl.constexpr, 
 @triton.jit
 def _post_fwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, out_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
                      BM: tl.constexpr, BC: tl.constexpr):
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
     mc = (m[:, None] < M) & (c[None, :] < C)
@@ -247,7 +247,7 @@ def _post_fwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, out_ptr, M, C, n: tl.con
 @triton.jit
 def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, dhres_ptr, dhpost_ptr, M, C,
                      n: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     k = tl.arange(0, NP)
     h_post = _coef(hpost_ptr, m, M, n, NP, n, 1, 0)
     dh_res = tl.zeros((BM, NP, NP), dtype=tl.float32)   # [token, i, j]
@@ -430,7 +430,7 @@ def _mhc_maps(h_pre, h_post, h_res, alpha_ptr, b_ptr, m, M, n: tl.constexpr, NP:
 def _mhc_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr, hpost_ptr, hres_ptr, h_ptr, r_ptr,
                         M, C, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, ITERS: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     NC = n * C
     # Eq. 2: v . phi and sum(v^2) in one pass over the flattened state v = vec(x)
     acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
@@ -474,7 +474,7 @@ def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr
                         ghres_ptr, dx_ptr, dacc_ptr, dz_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
                         K: tl.constexpr, ITERS: tl.constexpr, TP: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     NC = n * C
     q = tl.arange(0, NP)
     mq = (m[:, None] < M) & (q[None, :] < n)
