@@ -15,6 +15,7 @@ training step (forward, backward, AdamW) after warm-up, tokens/s, peak memory, a
 the first step (compilation). Ratios against the residual model are the claim, not absolute
 times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
 """
+import os
 import statistics
 import sys
 import time
@@ -221,7 +222,6 @@ def _median_steps(step, steps):
 def ptxas_report():
     """Compile every kernel for an H100 (sm_90) without a GPU and print ptxas's register and
     spill counts: a check that the compiled path builds, with no timing in it."""
-    import os
     import subprocess
     import tempfile
     import triton
@@ -274,6 +274,8 @@ def main(argv):
         sys.exit(f"error: {e}")
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "none")
     if c["only"] == "ptxas":
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            sys.exit("error: --only=ptxas compiles the kernels; unset TRITON_INTERPRET first")
         return ptxas_report()
     if device == "none":
         print("No CUDA GPU found: bench.py times GPU kernels and training steps, so there is nothing to "
