@@ -7,6 +7,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=e2e --n_streams=2
     python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
+    python bench.py --only=e2e --profile=True   # where the mHC step's time goes, kernel by kernel
 
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
 the least (every input read once, every output written once), and "% copy" compares the
@@ -36,6 +37,7 @@ DEFAULTS = dict(
     steps=20,               # timed training steps (after warm-up)
     compile=True,
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
+    profile=False,          # print the CUDA kernel time breakdown of the Triton mHC step
 )
 
 
@@ -204,7 +206,20 @@ def bench_e2e(c, device):
                  f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}")
         print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
               f"{peak / base[1]:7.2f}x {first:10.1f}")
+        if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute:
+            profile_steps(step, label)
         del model, opt, step_model
+
+
+def profile_steps(step, label, top=25):
+    """Where the time of a training step goes, by CUDA kernel (torch.profiler, 3 steps)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"\nprofile of {label}, 3 steps, top {top} kernels by CUDA time:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
 
 
 def _median_steps(step, steps):
