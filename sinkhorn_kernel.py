@@ -84,17 +84,18 @@ def _sinkhorn_grad(L, valid, G, ITERS: tl.constexpr, TP: tl.constexpr):
         b_hist = tl.where(t_idx == t, b[:, None, :], b_hist)
     # dL/dstate of the output: H = exp(state), so g_state = g_H * H
     G = G * tl.exp(L - a[:, :, None] - b[:, None, :])
+    # walk back: (a_t, b_t) start at the last iteration's, which the loop above left in (a, b)
     for k in range(ITERS):
         t = ITERS - 1 - k
-        a_t = tl.sum(tl.where(t_idx == t, a_hist, 0.0), axis=1)
-        b_t = tl.sum(tl.where(t_idx == t, b_hist, 0.0), axis=1)
-        a_prev = tl.sum(tl.where(t_idx == t - 1, a_hist, 0.0), axis=1)  # zeros before the first
+        a_prev = tl.sum(tl.where(t_idx == t - 1, a_hist, 0.0), axis=1)  # a_{t-1}; zeros before the first
         # row step t: its output is L - a_t - b_t
-        P = tl.exp(L - a_t[:, :, None] - b_t[:, None, :])
+        P = tl.exp(L - a[:, :, None] - b[:, None, :])
         G = G - P * tl.sum(G, axis=2)[:, :, None]
         # column step t: its output is L - a_{t-1} - b_t
-        P = tl.exp(L - a_prev[:, :, None] - b_t[:, None, :])
+        P = tl.exp(L - a_prev[:, :, None] - b[:, None, :])
         G = G - P * tl.sum(G, axis=1)[:, None, :]
+        a = a_prev
+        b = tl.sum(tl.where(t_idx == t - 1, b_hist, 0.0), axis=1)
     return G
 
 
