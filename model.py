@@ -249,14 +249,15 @@ class GPT(nn.Module):
     def flops_per_token(self, T):
         """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM appendix,
         plus the HC/mHC connections: per sublayer and token, the coefficient projection
-        (mHC: nC x (2n+n^2); HC: n streams of C x (n+2)), H_pre.x (nC), H_res.x (n^2 C) and the
+        (mHC: nC x (2n+n^2); mHC-lite: nC x (2n+n!); HC: n streams of C x (n+2)), H_pre.x (nC), H_res.x (n^2 C) and the
         H_post write (nC), each a multiply-add. The Sinkhorn's O(iters n^2) is left out (tiny)."""
         cfg = self.config
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
-        flops = 6 * self.get_num_params() + 12 * L * H * Q * T
+        # the connections' parameters are counted by their own terms below (HC's W serves n streams)
+        flops = 6 * (self.get_num_params() - self.num_connection_params()) + 12 * L * H * Q * T
         if cfg.residual != "residual":
             n, C = cfg.n_streams, cfg.n_embd
-            proj = n * C * (2 * n + n * n) if cfg.residual == "mhc" else n * C * (n + 2)
+            proj = n * C * {"hc": n + 2, "mhc": 2 * n + n * n, "mhc_lite": 2 * n + math.factorial(n)}[cfg.residual]
             flops += 2 * L * 6 * (proj + n * C + n * n * C + n * C)
         return flops
 
