@@ -274,6 +274,16 @@ def test_gpt2_small_parameter_counts():
         assert counts[r].get_num_params() == 123_689_472 + counts[r].num_connection_params()
 
 
+def test_flops_per_token_counts_the_connections_once():
+    T, L, C, n = 1024, 2, 768, 4
+    models = {r: GPT(GPTConfig(residual=r, n_layer=L)) for r in ("residual", "hc", "mhc", "mhc_lite")}
+    base = models["residual"]
+    assert base.flops_per_token(T) == 6 * base.get_num_params() + 12 * L * 12 * 64 * T  # PaLM / nanoGPT
+    mix = n * C + n * n * C + n * C  # H_pre . x, H_res . x, H_post^T y
+    for r, proj in (("hc", n * C * (n + 2)), ("mhc", n * C * (2 * n + n * n)), ("mhc_lite", n * C * (2 * n + 24))):
+        assert models[r].flops_per_token(T) - base.flops_per_token(T) == 2 * L * 6 * (proj + mix)
+
+
 def test_hc_and_mhc_models_start_as_the_residual_model():
     torch.manual_seed(0)
     base = GPT(GPTConfig(**TINY))
