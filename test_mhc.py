@@ -456,7 +456,8 @@ def test_kernel_fused_mhc_pre_step(n, C, M):
 
 @needs_triton
 @pytest.mark.parametrize("residual,options", [("hc", {}), ("mhc", {}), ("mhc_lite", {}),
-                                              ("mhc", dict(dynamic=False)), ("mhc", dict(res_mixing=False))])
+                                              ("mhc", dict(dynamic=False)), ("mhc", dict(res_mixing=False)),
+                                              ("hc", dict(stream_dtype="bfloat16")), ("mhc", dict(stream_dtype="bfloat16"))])
 def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
     cfg = dict(TINY, n_layer=1, block_size=16, n_streams=3 if residual == "hc" else 4, **options)
     torch.manual_seed(0)
@@ -474,9 +475,12 @@ def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
     _, loss_tri = tri(idx, idx)
     loss_ref.backward()
     loss_tri.backward()
-    assert loss_tri.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    # with a bf16 stream both paths round the stream and its gradient (8-bit mantissa), at
+    # different points: the same function, looser agreement
+    bf16 = options.get("stream_dtype") == "bfloat16"
+    assert loss_tri.item() == pytest.approx(loss_ref.item(), rel=1e-3 if bf16 else 1e-5)
     for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
-        assert max_rel_err(q.grad, p.grad.double()) < 1e-3, name
+        assert max_rel_err(q.grad, p.grad.double()) < (0.1 if bf16 else 1e-3), name
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
@@ -498,24 +502,6 @@ def test_recompute_gives_the_same_loss_and_gradients(kernel):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
-
-
-@needs_triton
-@pytest.mark.parametrize("residual", ["hc", "mhc"])
-def test_kernels_with_a_bf16_stream(residual):
-    torch.manual_seed(0)
-    cfg = dict(TINY, n_layer=1, block_size=16, residual=residual, stream_dtype="bfloat16")
-    ref = GPT(GPTConfig(kernel="torch", **cfg)).to(DEVICE)
-    tri = GPT(GPTConfig(kernel="triton", **cfg)).to(DEVICE)
-    tri.load_state_dict(ref.state_dict())
-    idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
-    (_, loss_ref), (_, loss_tri) = ref(idx, idx), tri(idx, idx)
-    loss_ref.backward()
-    loss_tri.backward()
-    assert loss_tri.item() == pytest.approx(loss_ref.item(), rel=1e-3)
-    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
-        # both round the stream and its gradient to bf16 (8-bit mantissa), at different points
-        assert max_rel_err(q.grad, p.grad.double()) < 0.1, name
 
 
 @needs_triton
