@@ -272,8 +272,8 @@ def ptxas_report():
         NP, BM, BC = sk._stream_blocks(n, 768, elems=1024)
         report(f"stream_post bwd n={n} C=768", sk._post_bwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr",
                "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, NP=NP, BM=BM, BC=BC))
-        NP, BM, BK, BC = sk._pre_blocks(n, 768)
-        c = dict(n=n, NP=NP, K=2 * n + n * n, ITERS=20, BM=BM, BK=BK, BC=BC)
+        NP, NR, BM, BK, BC = sk._pre_blocks(n, 768)
+        c = dict(n=n, NP=NP, K=2 * n + n * n, NR=NR, ITERS=20, BM=BM, BK=BK, BC=BC)
         report(f"mhc_pre fwd n={n} C=768", sk._mhc_pre_fwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr",
                "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"], c, warps=sk.PRE_WARPS)
         report(f"mhc_pre bwd n={n} C=768", sk._mhc_pre_bwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "h_ptr", "r_ptr",

@@ -21,6 +21,7 @@ forward on chip, keeping the 2 * iters potential vectors in registers (not in me
 back through them. A half-step y = x - logsumexp(x) has the vector-Jacobian product
 g_x = g_y - exp(y) * sum(g_y) along the normalized axis, so each step needs only its own output.
 """
+import functools
 import os
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, kept (and its warning silenced)
@@ -393,20 +394,54 @@ torch.library.register_autograd("mhc::stream_post", _post_backward, setup_contex
 # The fused mHC "pre" step (mhc.py Eqs. 2-4 and the read of Eq. 1) in one kernel per direction:
 # read each token's n x C state, project it with phi to the 2n + n^2 raw coefficients, divide
 # by the RMS, gate, sigmoid / 2 sigmoid / Sinkhorn, and write layer_in = H_pre . x.
-# Column layout of phi (and of the saved coefficients h): [pre (n) | post (n) | res (n*n, i*n + j)].
+# Column layout of phi (and of the saved coefficients h): [pre (n) | post (n) | res (n*n, i*n + j)];
+# the kernels see phi padded (_pad_phi) so that the projection is two fp32 GEMMs (tl.dot).
+
+# The projection GEMMs stay fp32-accurate: "tf32x3" is three TF32 tensor-core products
+# (hi*hi + hi*lo + lo*hi); MHC_DOT_PRECISION=ieee makes them plain fp32 FMAs (to compare).
+DOT_PRECISION = tl.constexpr(os.environ.get("MHC_DOT_PRECISION", "tf32x3"))
+
 
 @triton.jit
-def _phi_tiles(phi_ptr, k, NC, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr):
-    """phi rows k ([BK]) as three tiles: pre [BK, NP], post [BK, NP], res [BK, NP*NP]."""
-    q = tl.arange(0, NP)
-    qq = tl.arange(0, NP * NP)
-    i, j = qq // NP, qq % NP
-    row = k[:, None] * K
+def _onehot(ROWS: tl.constexpr, COLS: tl.constexpr, START: tl.constexpr):
+    """[ROWS, COLS] selector with S[q, START + q] = 1: moves coefficients between the padded
+    layout of phi (see _pad_phi) and [.., n]-shaped tiles."""
+    q = tl.arange(0, ROWS)[:, None]
+    k = tl.arange(0, COLS)[None, :]
+    return tl.where(k == q + START, 1.0, 0.0)
+
+
+@triton.jit
+def _phi_blocks(phi_ptr, k, NC, NR: tl.constexpr):
+    """Rows k of the padded phi: its pre/post block [BK, 16] and its res block [BK, NR]."""
     mk = k[:, None] < NC
-    p_pre = tl.load(phi_ptr + row + q[None, :], mask=mk & (q[None, :] < n), other=0.0)
-    p_post = tl.load(phi_ptr + row + n + q[None, :], mask=mk & (q[None, :] < n), other=0.0)
-    p_res = tl.load(phi_ptr + row + 2 * n + (i * n + j)[None, :], mask=mk & ((i < n) & (j < n))[None, :], other=0.0)
-    return p_pre, p_post, p_res
+    row = phi_ptr + k[:, None] * (16 + NR)
+    p_pp = tl.load(row + tl.arange(0, 16)[None, :], mask=mk, other=0.0)
+    p_res = tl.load(row + 16 + tl.arange(0, NR)[None, :], mask=mk, other=0.0)
+    return p_pp, p_res
+
+
+@triton.jit
+def _unpad(pp, res, NP: tl.constexpr, NR: tl.constexpr):
+    """Padded coefficients ([BM, 16], [BM, NR]) -> pre [BM, NP], post [BM, NP], res [BM, NP, NP]."""
+    pre = tl.sum(pp[:, None, :] * _onehot(NP, 16, 0)[None, :, :], axis=2)
+    post = tl.sum(pp[:, None, :] * _onehot(NP, 16, NP)[None, :, :], axis=2)
+    if NP * NP == NR:
+        res = tl.reshape(res, (pp.shape[0], NP, NP))
+    else:  # n <= 2: the res block is padded to the 16 columns tl.dot needs
+        res = tl.reshape(tl.sum(res[:, None, :] * _onehot(NP * NP, NR, 0)[None, :, :], axis=2), (pp.shape[0], NP, NP))
+    return pre, post, res
+
+
+@triton.jit
+def _pad(pre, post, res, NP: tl.constexpr, NR: tl.constexpr):
+    """The inverse of _unpad: [BM, NP], [BM, NP], [BM, NP, NP] -> ([BM, 16], [BM, NR])."""
+    pp = (tl.sum(pre[:, :, None] * _onehot(NP, 16, 0)[None, :, :], axis=1)
+          + tl.sum(post[:, :, None] * _onehot(NP, 16, NP)[None, :, :], axis=1))
+    res = tl.reshape(res, (pre.shape[0], NP * NP))
+    if NP * NP != NR:
+        res = tl.sum(res[:, :, None] * _onehot(NP * NP, NR, 0)[None, :, :], axis=1)
+    return pp, res
 
 
 @triton.jit
@@ -429,26 +464,24 @@ def _mhc_maps(h_pre, h_post, h_res, alpha_ptr, b_ptr, m, M, n: tl.constexpr, NP:
 
 @triton.jit
 def _mhc_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr, hpost_ptr, hres_ptr, h_ptr, r_ptr,
-                        M, C, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, ITERS: tl.constexpr,
+                        M, C, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, NR: tl.constexpr, ITERS: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     NC = n * C
-    # Eq. 2: v . phi and sum(v^2) in one pass over the flattened state v = vec(x)
-    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_res = tl.zeros((BM, NP * NP), dtype=tl.float32)
+    # Eq. 2: v . phi as two fp32 GEMMs against the padded phi (pre/post block, res block) and
+    # sum(v^2), in one pass over the flattened state v = vec(x)
+    acc_pp = tl.zeros((BM, 16), dtype=tl.float32)
+    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
     ss = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, NC, BK):
         k = k0 + tl.arange(0, BK)
         v = tl.load(x_ptr + m[:, None] * NC + k[None, :], mask=(m[:, None] < M) & (k[None, :] < NC), other=0.0).to(tl.float32)
-        p_pre, p_post, p_res = _phi_tiles(phi_ptr, k, NC, n, NP, K)
+        p_pp, p_res = _phi_blocks(phi_ptr, k, NC, NR)
+        acc_pp = tl.dot(v, p_pp, acc_pp, input_precision=DOT_PRECISION)
+        acc_res = tl.dot(v, p_res, acc_res, input_precision=DOT_PRECISION)
         ss += tl.sum(v * v, axis=1)
-        acc_pre += tl.sum(v[:, :, None] * p_pre[None, :, :], axis=1)
-        acc_post += tl.sum(v[:, :, None] * p_post[None, :, :], axis=1)
-        acc_res += tl.sum(v[:, :, None] * p_res[None, :, :], axis=1)
     r = 1.0 / tl.sqrt(ss / NC + 1e-6)                      # 1 / rms(v), eps inside the root
-    h_pre, h_post = acc_pre * r[:, None], acc_post * r[:, None]
-    h_res = tl.reshape(acc_res * r[:, None], (BM, NP, NP))
+    h_pre, h_post, h_res = _unpad(acc_pp * r[:, None], acc_res * r[:, None], NP, NR)
     H_pre, H_post, L, valid = _mhc_maps(h_pre, h_post, h_res, alpha_ptr, b_ptr, m, M, n, NP)
     H_res = _sinkhorn(L, valid, ITERS)
     # outputs: the maps, the scaled coefficients h and r for the backward
@@ -473,7 +506,7 @@ def _mhc_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr, hpo
 @triton.jit
 def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr,
                         ghres_ptr, dx_ptr, dacc_ptr, dz_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
-                        K: tl.constexpr, ITERS: tl.constexpr, TP: tl.constexpr,
+                        K: tl.constexpr, NR: tl.constexpr, ITERS: tl.constexpr, TP: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     NC = n * C
@@ -511,16 +544,16 @@ def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr
     tl.store(dacc_ptr + m[:, None] * K + q[None, :], da_pre, mask=mq)
     tl.store(dacc_ptr + m[:, None] * K + n + q[None, :], da_post, mask=mq)
     tl.store(dacc_ptr + offs_res, da_res, mask=cell)
-    da_res = tl.reshape(da_res, (BM, NP * NP))
+    da_pp, da_res = _pad(da_pre, da_post, da_res, NP, NR)  # dacc in phi's padded layout
     coef = -d_r * r * r * r / NC                                               # dr/dv = -r^3 v / NC
     # dv = dacc . phi^T + coef v, plus the read's H_pre^T g_in; one pass over the flattened state
     for k0 in range(0, NC, BK):
         k = k0 + tl.arange(0, BK)
         mk = (m[:, None] < M) & (k[None, :] < NC)
         v = tl.load(x_ptr + m[:, None] * NC + k[None, :], mask=mk, other=0.0).to(tl.float32)
-        p_pre, p_post, p_res = _phi_tiles(phi_ptr, k, NC, n, NP, K)
-        dv = (tl.sum(da_pre[:, None, :] * p_pre[None, :, :], axis=2) + tl.sum(da_post[:, None, :] * p_post[None, :, :], axis=2)
-              + tl.sum(da_res[:, None, :] * p_res[None, :, :], axis=2) + coef[:, None] * v)
+        p_pp, p_res = _phi_blocks(phi_ptr, k, NC, NR)
+        dv = (tl.dot(da_pp, tl.trans(p_pp), input_precision=DOT_PRECISION)
+              + tl.dot(da_res, tl.trans(p_res), input_precision=DOT_PRECISION) + coef[:, None] * v)
         stream, chan = k // C, k % C
         g = tl.load(gin_ptr + m[:, None] * C + chan[None, :], mask=mk, other=0.0).to(tl.float32)
         hp = tl.load(hpre_ptr + m[:, None] * n + stream[None, :], mask=mk, other=0.0)
@@ -531,14 +564,32 @@ PRE_WARPS = 8  # warps per program of the fused pre step (see _pre_blocks)
 
 
 def _pre_blocks(n, C):
-    """Tiles of the fused pre step: BM tokens; BK of the nC inputs per step of the projection,
-    so that its [BM, BK, NP*NP] product stays small; BC channels for the read. With 8 warps these
-    compile for sm_90 without register spills for n = 1 ... 8 (checked with ptxas)."""
+    """Tiles of the fused pre step: BM tokens (>= 16 for tl.dot); NR columns of the res block of
+    the padded phi (n*n, at least 16); BK of the nC inputs per step of the projection GEMMs; BC
+    channels for the read. With 8 warps these compile for sm_90 without register spills for
+    n = 1 ... 8 (python bench.py --only=ptxas)."""
     NP = triton.next_power_of_2(n)
-    BM = 8
-    BK = max(8, min(64, 2048 // (BM * NP * NP)))
-    BC = min(triton.next_power_of_2(C), 128)
-    return NP, BM, BK, BC
+    NR = max(16, NP * NP)
+    BM, BK = 16, 32
+    BC = min(triton.next_power_of_2(C), 4096 // (BM * NP))  # the read's [BM, NP, BC] tile
+    return NP, NR, BM, BK, BC
+
+
+@functools.lru_cache(maxsize=None)
+def _padded_columns(n, device):
+    """Where phi's columns [pre (n) | post (n) | res (n*n)] go in the padded layout
+    [pre (NP) | post (NP) | zeros up to 16 | res (NP*NP, i*NP + j) | zeros up to 16 + NR]."""
+    NP = triton.next_power_of_2(n)
+    cols = ([i for i in range(n)] + [NP + i for i in range(n)]
+            + [16 + i * NP + j for i in range(n) for j in range(n)])
+    return torch.tensor(cols, device=device)
+
+
+def _pad_phi(phi, n, NR):
+    """phi [nC, 2n + n^2] -> [nC, 16 + NR] in the padded layout the kernels' GEMM tiles need."""
+    padded = phi.new_zeros(phi.shape[0], 16 + NR, dtype=torch.float32)
+    padded[:, _padded_columns(n, phi.device)] = phi.float()
+    return padded
 
 
 @torch.library.custom_op("mhc::mhc_pre", mutates_args=())
@@ -553,11 +604,12 @@ def mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Te
     out = torch.empty(M, C, dtype=_compute_dtype(x), device=x.device)
     H_pre, H_post, H_res = torch.empty(M, n, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32)
     h, r = torch.empty(M, K, **f32), torch.empty(M, **f32)
-    NP, BM, BK, BC = _pre_blocks(n, C)
+    NP, NR, BM, BK, BC = _pre_blocks(n, C)
     if M > 0:
-        _mhc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, phi.float().contiguous(), alpha.float().contiguous(),
+        _mhc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, _pad_phi(phi, n, NR), alpha.float().contiguous(),
                                                    b.float().contiguous(), out, H_pre, H_post, H_res, h, r, M, C,
-                                                   n=n, NP=NP, K=K, ITERS=iters, BM=BM, BK=BK, BC=BC, num_warps=PRE_WARPS)
+                                                   n=n, NP=NP, K=K, NR=NR, ITERS=iters, BM=BM, BK=BK, BC=BC,
+                                                   num_warps=PRE_WARPS)
     lead = x.shape[:-2]
     return (out.view(*lead, C), H_pre.view(*lead, n), H_post.view(*lead, n), H_res.view(*lead, n, n),
             h.view(*lead, K), r.view(lead))
@@ -585,14 +637,14 @@ def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty_like(xf)
     dacc, dz = torch.empty(M, K, **f32), torch.empty(M, K, **f32)
-    NP, BM, BK, BC = _pre_blocks(n, C)
+    NP, NR, BM, BK, BC = _pre_blocks(n, C)
     flat = lambda t, *shape: t.reshape(M, *shape).float().contiguous()
     if M > 0:
         _mhc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
-            xf, phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous(), flat(h, K), flat(r),
+            xf, _pad_phi(phi, n, NR), alpha.float().contiguous(), b.float().contiguous(), flat(h, K), flat(r),
             flat(H_pre, n), g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n),
-            dx, dacc, dz, M, C, n=n, NP=NP, K=K, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BK=BK, BC=BC,
-            num_warps=PRE_WARPS)
+            dx, dacc, dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BK=BK,
+            BC=BC, num_warps=PRE_WARPS)
     return dx.view(x.shape), dacc, dz
 
 
