@@ -257,6 +257,21 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
     fused_pre = Connection.fused_pre  # its maps, then the read kernel (mhc_pre knows only Sinkhorn)
 
 
+def run_fused(x, steps):
+    """mHC on the Triton path, every sublayer in depth order, with sublayer k's write and sublayer
+    k+1's pre step in one kernel (sinkhorn_kernel.mhc_post_pre, which reads the new stream once
+    less). steps: [(connection, sublayer), ...]. The same function as calling each connection."""
+    layer_in, H_post, H_res = steps[0][0].fused_pre(x)
+    for k, (_, sublayer) in enumerate(steps):
+        y = sublayer(layer_in)
+        if k + 1 == len(steps):
+            return triton_kernels.stream_post(x, y, H_res, H_post)
+        nxt = steps[k + 1][0]
+        x, layer_in, _, H_post, H_res, _, _ = triton_kernels.mhc_post_pre(x, y, H_res, H_post, nxt.phi, nxt.alpha,
+                                                                         nxt.b, nxt.sinkhorn_iters)
+        H_res = nxt.mixing(H_res)
+
+
 def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch", dynamic=True,
                     res_mixing=True):
     """The connection for sublayer `layer_id` (0, 1, 2, ... in depth order). dynamic=False and

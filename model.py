@@ -35,6 +35,7 @@ class GPTConfig:
     stream_dtype: str = "float32"  # HC/mHC: how the n-stream state is stored: "float32" or "bfloat16"
     dynamic: bool = True      # ablation: False keeps only the static (bias) part of every map
     res_mixing: bool = True   # ablation: False fixes H_res = I (the streams never mix)
+    fuse: bool = True         # mHC on Triton: fuse each sublayer's write with the next one's read
 
     def __post_init__(self):
         if self.residual not in mhc.RESIDUAL_MODES:
@@ -149,8 +150,13 @@ class Block(nn.Module):
         return self.connected(x)
 
     def connected(self, x):
-        x = self.conn_attn(x, lambda h: self.attn(self.ln_1(h)))
-        return self.conn_mlp(x, lambda h: self.mlp(self.ln_2(h)))
+        for conn, sublayer in self.sublayers():
+            x = conn(x, sublayer)
+        return x
+
+    def sublayers(self):
+        """(connection, sublayer with its pre-norm) for attention, then the MLP."""
+        return [(self.conn_attn, lambda h: self.attn(self.ln_1(h))), (self.conn_mlp, lambda h: self.mlp(self.ln_2(h)))]
 
 
 class GPT(nn.Module):
@@ -205,8 +211,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         if self.config.residual != "residual":
             x = mhc.expand_streams(x, self.config.n_streams, getattr(torch, self.config.stream_dtype))  # [B, T, n, C]
-        for block in self.transformer.h:
-            x = block(x)
+        if self.fused(x):
+            x = mhc.run_fused(x, [step for block in self.transformer.h for step in block.sublayers()])
+        else:
+            for block in self.transformer.h:
+                x = block(x)
         if self.config.residual != "residual":
             x = mhc.reduce_streams(x)                            # [B, T, C]
         x = self.transformer.ln_f(x)
@@ -217,6 +226,14 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
             loss = None
         return logits, loss
+
+    def fused(self, x):
+        """Whether the sublayers run through mhc.run_fused: mHC (not -lite) on the Triton path, in
+        training (no_grad calls, such as evaluation and mixing_matrices' hooks, take the
+        per-connection path), without recompute (which works block by block)."""
+        cfg = self.config
+        return (cfg.fuse and cfg.residual == "mhc" and not cfg.recompute and torch.is_grad_enabled()
+                and mhc.use_triton(cfg.kernel, x))
 
     @torch.no_grad()
     def mixing_matrices(self, idx):

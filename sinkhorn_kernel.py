@@ -480,11 +480,20 @@ def _mhc_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr, hpo
         acc_pp = tl.dot(v, p_pp, acc_pp, input_precision=DOT_PRECISION)
         acc_res = tl.dot(v, p_res, acc_res, input_precision=DOT_PRECISION)
         ss += tl.sum(v * v, axis=1)
+    H_pre = _pre_maps(acc_pp, acc_res, ss, NC, m, M, alpha_ptr, b_ptr, hpre_ptr, hpost_ptr, hres_ptr, h_ptr, r_ptr,
+                      n, NP, K, NR, ITERS)
+    _pre_read(x_ptr, out_ptr, H_pre, m, M, C, n, NP, BC)
+
+
+@triton.jit
+def _pre_maps(acc_pp, acc_res, ss, NC, m, M, alpha_ptr, b_ptr, hpre_ptr, hpost_ptr, hres_ptr, h_ptr, r_ptr,
+              n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, NR: tl.constexpr, ITERS: tl.constexpr):
+    """From the projection (acc) and sum(v^2) of BM tokens: Eqs. 2-4, stored with the scaled
+    coefficients h and r for the backward; returns H_pre [BM, NP]."""
     r = 1.0 / tl.sqrt(ss / NC + 1e-6)                      # 1 / rms(v), eps inside the root
     h_pre, h_post, h_res = _unpad(acc_pp * r[:, None], acc_res * r[:, None], NP, NR)
     H_pre, H_post, L, valid = _mhc_maps(h_pre, h_post, h_res, alpha_ptr, b_ptr, m, M, n, NP)
     H_res = _sinkhorn(L, valid, ITERS)
-    # outputs: the maps, the scaled coefficients h and r for the backward
     q = tl.arange(0, NP)
     mq = (m[:, None] < M) & (q[None, :] < n)
     tl.store(hpre_ptr + m[:, None] * n + q[None, :], H_pre, mask=mq)
@@ -495,12 +504,52 @@ def _mhc_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr, hpo
     tl.store(h_ptr + m[:, None] * K + n + q[None, :], h_post, mask=mq)
     tl.store(h_ptr + m[:, None, None] * K + 2 * n + q[None, :, None] * n + q[None, None, :], h_res, mask=cell)
     tl.store(r_ptr + m, r, mask=m < M)
-    # the read of Eq. 1: layer_in = H_pre . x (a second pass over x, mostly from L2)
+    return H_pre
+
+
+@triton.jit
+def _pre_read(x_ptr, out_ptr, H_pre, m, M, C, n: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):
+    """The read of Eq. 1, layer_in = H_pre . x: a second pass over x, mostly from L2."""
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
         x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
         tl.store(out_ptr + m[:, None] * C + c[None, :], tl.sum(H_pre[:, :, None] * x, axis=1),
                  mask=(m[:, None] < M) & (c[None, :] < C))
+
+
+@triton.jit
+def _post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr,
+                         hpost_ptr, hres_ptr, h_ptr, r_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                         K: tl.constexpr, NR: tl.constexpr, ITERS: tl.constexpr, BM: tl.constexpr,
+                         BC: tl.constexpr):
+    """Sublayer k's write x_next = H_res x + H_post^T y fused with sublayer k+1's pre step: the
+    projection of x_next accumulates from registers as it is written, so x_next is not read back
+    from memory for it (only, from L2, for the read H_pre . x_next)."""
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    NC = n * C
+    acc_pp = tl.zeros((BM, 16), dtype=tl.float32)
+    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
+    ss = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        mc = (m[:, None] < M) & (c[None, :] < C)
+        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+        y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+        for i in tl.static_range(n):
+            h_row = _coef(hres0_ptr, m, M, n, NP, n * n, 1, i * n)                 # H_res[i, :]
+            h_post = tl.load(hpost0_ptr + m * n + i, mask=m < M, other=0.0)
+            v = tl.sum(h_row[:, :, None] * x, axis=1) + h_post[:, None] * y        # x_next, stream i
+            v = v.to(xn_ptr.dtype.element_ty)
+            tl.store(xn_ptr + m[:, None] * NC + i * C + c[None, :], v, mask=mc)
+            v = v.to(tl.float32)  # the next step sees x_next as stored (e.g. rounded to bf16)
+            p_pp, p_res = _phi_blocks(phi_ptr, i * C + c, NC, NR)                  # phi rows i*C + c
+            acc_pp = tl.dot(v, p_pp, acc_pp, input_precision=DOT_PRECISION)
+            acc_res = tl.dot(v, p_res, acc_res, input_precision=DOT_PRECISION)
+            ss += tl.sum(v * v, axis=1)
+    H_pre = _pre_maps(acc_pp, acc_res, ss, NC, m, M, alpha_ptr, b_ptr, hpre_ptr, hpost_ptr, hres_ptr, h_ptr, r_ptr,
+                      n, NP, K, NR, ITERS)
+    tl.debug_barrier()  # this program's x_next stores are visible to its own loads below
+    _pre_read(xn_ptr, out_ptr, H_pre, m, M, C, n, NP, BC)
 
 
 @triton.jit
@@ -616,7 +665,7 @@ def mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Te
 
 
 @mhc_pre.register_fake
-def _(x, phi, alpha, b, iters):
+def _mhc_pre_fake(x, phi, alpha, b, iters):
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -663,20 +712,77 @@ def _mhc_pre_setup(ctx, inputs, output):
     ctx.iters = iters
 
 
-def _mhc_pre_backward(ctx, g_in, g_pre, g_post, g_res, g_h, g_r):
-    x, phi, alpha, b, h, r, H_pre = ctx.saved_tensors
+def _pre_step_backward(x, phi, alpha, b, h, r, H_pre, iters, g_in, g_pre, g_post, g_res):
+    """Gradients of one pre step (x is its input stream): (dx, dphi, dalpha, db)."""
     n, C, lead = x.shape[-2], x.shape[-1], x.shape[:-2]
 
     def grad(g, *shape, dtype=torch.float32):  # an output that was not used has no gradient
         return g if g is not None else torch.zeros(*lead, *shape, dtype=dtype, device=x.device)
 
     dx, dacc, dz = mhc_pre_bwd(grad(g_in, C, dtype=_compute_dtype(x)), grad(g_pre, n), grad(g_post, n), grad(g_res, n, n),
-                               x, phi, alpha, b, h, r, H_pre, ctx.iters)
+                               x, phi, alpha, b, h, r, H_pre, iters)
     # the reductions over tokens: dphi = v^T dacc (a GEMM), db = sum dz, dalpha = sum dz * h per map
     dphi = x.reshape(dacc.shape[0], -1).float().t() @ dacc
     dzh = dz * h.reshape(dz.shape)
     dalpha = torch.stack([dzh[:, :n].sum(), dzh[:, n:2 * n].sum(), dzh[:, 2 * n:].sum()])
-    return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dz.sum(0).to(b.dtype), None
+    return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dz.sum(0).to(b.dtype)
+
+
+def _mhc_pre_backward(ctx, g_in, g_pre, g_post, g_res, g_h, g_r):
+    return *_pre_step_backward(*ctx.saved_tensors, ctx.iters, g_in, g_pre, g_post, g_res), None
 
 
 torch.library.register_autograd("mhc::mhc_pre", _mhc_pre_backward, setup_context=_mhc_pre_setup)
+
+
+@torch.library.custom_op("mhc::mhc_post_pre", mutates_args=())
+def mhc_post_pre(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torch.Tensor, phi: torch.Tensor,
+                 alpha: torch.Tensor, b: torch.Tensor, iters: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sublayer k's write and sublayer k+1's pre step in one kernel: returns (x_next, and the
+    outputs of mhc_pre(x_next, phi, alpha, b, iters)). The same numbers as stream_post then
+    mhc_pre."""
+    n, C = x.shape[-2:]
+    K = 2 * n + n * n
+    xf, yf = _flat(x, n), y.reshape(-1, C).contiguous()
+    M = xf.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    x_next = torch.empty_like(xf)
+    out = torch.empty(M, C, dtype=_compute_dtype(x), device=x.device)
+    H_pre, H_post2, H_res2 = torch.empty(M, n, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32)
+    h, r = torch.empty(M, K, **f32), torch.empty(M, **f32)
+    NP, NR, BM, _, BC = _pre_blocks(n, C)
+    BC = max(16, BC // 2)  # x, y and n GEMM operands per step: a narrower channel tile than mhc_pre's
+    if M > 0:
+        _post_pre_fwd_kernel[(triton.cdiv(M, BM),)](
+            xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), x_next,
+            _pad_phi(phi, n, NR), alpha.float().contiguous(), b.float().contiguous(), out, H_pre, H_post2, H_res2, h, r,
+            M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, BM=BM, BC=BC, num_warps=PRE_WARPS)
+    lead = x.shape[:-2]
+    return (x_next.view(x.shape), out.view(*lead, C), H_pre.view(*lead, n), H_post2.view(*lead, n),
+            H_res2.view(*lead, n, n), h.view(*lead, K), r.view(lead))
+
+
+@mhc_post_pre.register_fake
+def _(x, y, H_res, H_post, phi, alpha, b, iters):
+    return (torch.empty_like(x), *_mhc_pre_fake(x, phi, alpha, b, iters))
+
+
+def _post_pre_setup(ctx, inputs, output):
+    x, y, H_res, H_post, phi, alpha, b, iters = inputs
+    x_next, _, H_pre, _, _, h, r = output
+    ctx.mark_non_differentiable(h, r)
+    ctx.save_for_backward(x, y, H_res, H_post, x_next, phi, alpha, b, h, r, H_pre)
+    ctx.iters = iters
+
+
+def _post_pre_backward(ctx, g_next, g_in, g_pre, g_post, g_res, g_h, g_r):
+    x, y, H_res, H_post, x_next, phi, alpha, b, h, r, H_pre = ctx.saved_tensors
+    # backward of the pre step of sublayer k+1 (its input is x_next), then of the write of k
+    dxn, dphi, dalpha, db = _pre_step_backward(x_next, phi, alpha, b, h, r, H_pre, ctx.iters, g_in, g_pre, g_post, g_res)
+    g_total = dxn if g_next is None else g_next + dxn
+    dx, dy, dres, dpost = stream_post_bwd(g_total, x, y, H_res, H_post)
+    return dx, dy, dres, dpost, dphi, dalpha, db, None
+
+
+torch.library.register_autograd("mhc::mhc_post_pre", _post_pre_backward, setup_context=_post_pre_setup)

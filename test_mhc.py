@@ -457,9 +457,10 @@ def test_kernel_fused_mhc_pre_step(n, C, M):
 @needs_triton
 @pytest.mark.parametrize("residual,options", [("hc", {}), ("mhc", {}), ("mhc_lite", {}),
                                               ("mhc", dict(dynamic=False)), ("mhc", dict(res_mixing=False)),
-                                              ("hc", dict(stream_dtype="bfloat16")), ("mhc", dict(stream_dtype="bfloat16"))])
+                                              ("hc", dict(stream_dtype="bfloat16")), ("mhc", dict(stream_dtype="bfloat16")),
+                                              ("mhc", dict(fuse=False)), ("mhc", dict(fuse=False, stream_dtype="bfloat16"))])
 def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
-    cfg = dict(TINY, n_layer=1, block_size=16, n_streams=3 if residual == "hc" else 4, **options)
+    cfg = dict(TINY, n_layer=2, block_size=16, n_streams=3 if residual == "hc" else 4, **options)
     torch.manual_seed(0)
     ref = GPT(GPTConfig(residual=residual, kernel="torch", **cfg)).to(DEVICE)
     tri = GPT(GPTConfig(residual=residual, kernel="triton", **cfg)).to(DEVICE)
@@ -481,6 +482,23 @@ def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
     assert loss_tri.item() == pytest.approx(loss_ref.item(), rel=1e-3 if bf16 else 1e-5)
     for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
         assert max_rel_err(q.grad, p.grad.double()) < (0.1 if bf16 else 1e-3), name
+
+
+@needs_triton
+def test_fused_cross_sublayer_path_equals_the_unfused_one():
+    # sublayer k's write fused with sublayer k+1's pre step, against the two kernels one by one
+    torch.manual_seed(0)
+    cfg = dict(TINY, n_layer=2, block_size=16, residual="mhc", kernel="triton")
+    fused, unfused = GPT(GPTConfig(**cfg)).to(DEVICE), GPT(GPTConfig(**cfg, fuse=False)).to(DEVICE)
+    unfused.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
+    assert fused.fused(fused.transformer.wte(idx)) and not unfused.fused(idx)
+    (_, a), (_, b) = fused(idx, idx), unfused(idx, idx)
+    a.backward()
+    b.backward()
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    for (name, p), q in zip(unfused.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
@@ -766,4 +784,4 @@ def test_bench_runs(tmp_path):
         # the interpreter accepts code the compiler may not: build every kernel for an H100
         ptxas = run("bench.py", "--only=ptxas", TRITON_INTERPRET="0").stdout
         rows = [line.split() for line in ptxas.splitlines() if " n=" in line]
-        assert len(rows) == 16 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
+        assert len(rows) == 18 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
