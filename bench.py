@@ -159,7 +159,7 @@ def bench_e2e(c, device):
     ctx = torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False)
     shape = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                  bias=False, n_streams=c["n_streams"])
-    # (residual, kernel, compiled, recompute, stream dtype)
+    # (residual, kernel, compiled, recompute, stream dtype); Triton mHC without recompute is fused
     cc = c["compile"]
     runs = [("residual", "torch", cc, False, "float32"), ("hc", "torch", False, False, "float32"),
             ("mhc", "torch", False, False, "float32")]
