@@ -785,3 +785,13 @@ def test_bench_runs(tmp_path):
         ptxas = run("bench.py", "--only=ptxas", TRITON_INTERPRET="0").stdout
         rows = [line.split() for line in ptxas.splitlines() if " n=" in line]
         assert len(rows) == 18 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
+
+
+def test_readme_usage_snippet_runs():
+    # the "mHC in your own model" example of the README, exactly as printed there
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index("```python\nimport torch, torch.nn as nn") + len("```python\n")
+    namespace = {}
+    exec(readme[start:readme.index("```", start)], namespace)
+    assert namespace["y"].shape == (2, 16, 256)
