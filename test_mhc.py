@@ -501,6 +501,22 @@ def test_fused_cross_sublayer_path_equals_the_unfused_one():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@needs_triton
+@pytest.mark.parametrize("fuse", [True, False])
+def test_whole_triton_model_compiles_without_graph_breaks(fuse):
+    # dynamo + AOTAutograd capture the whole mHC model, every custom op opaque (fullgraph=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**dict(TINY, n_layer=2, block_size=16), residual="mhc", kernel="triton", fuse=fuse)).to(DEVICE)
+    idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
+    _, ref = model(idx, idx)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    _, loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, idx)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_recompute_gives_the_same_loss_and_gradients(kernel):
     if kernel == "triton" and triton_kernels is None:
