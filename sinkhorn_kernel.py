@@ -21,7 +21,6 @@ forward on chip, keeping the 2 * iters potential vectors in registers (not in me
 back through them. A half-step y = x - logsumexp(x) has the vector-Jacobian product
 g_x = g_y - exp(y) * sum(g_y) along the normalized axis, so each step needs only its own output.
 """
-import functools
 import os
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, kept (and its warning silenced)
@@ -395,7 +394,7 @@ torch.library.register_autograd("mhc::stream_post", _post_backward, setup_contex
 # read each token's n x C state, project it with phi to the 2n + n^2 raw coefficients, divide
 # by the RMS, gate, sigmoid / 2 sigmoid / Sinkhorn, and write layer_in = H_pre . x.
 # Column layout of phi (and of the saved coefficients h): [pre (n) | post (n) | res (n*n, i*n + j)];
-# the kernels see phi padded (_pad_phi) so that the projection is two fp32 GEMMs (tl.dot).
+# the kernels load phi's rows into a padded layout (_phi_blocks) so the projection is two GEMMs.
 
 # The projection GEMMs stay fp32-accurate: "tf32x3" is three TF32 tensor-core products
 # (hi*hi + hi*lo + lo*hi); MHC_DOT_PRECISION=ieee makes them plain fp32 FMAs (to compare).
@@ -405,19 +404,25 @@ DOT_PRECISION = tl.constexpr(os.environ.get("MHC_DOT_PRECISION", "tf32x3"))
 @triton.jit
 def _onehot(ROWS: tl.constexpr, COLS: tl.constexpr, START: tl.constexpr):
     """[ROWS, COLS] selector with S[q, START + q] = 1: moves coefficients between the padded
-    layout of phi (see _pad_phi) and [.., n]-shaped tiles."""
+    layout of phi's rows (see _phi_blocks) and [.., n]-shaped tiles."""
     q = tl.arange(0, ROWS)[:, None]
     k = tl.arange(0, COLS)[None, :]
     return tl.where(k == q + START, 1.0, 0.0)
 
 
 @triton.jit
-def _phi_blocks(phi_ptr, k, NC, NR: tl.constexpr):
-    """Rows k of the padded phi: its pre/post block [BK, 16] and its res block [BK, NR]."""
+def _phi_blocks(phi_ptr, k, NC, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, NR: tl.constexpr):
+    """Rows k of phi [nC, K] as the two GEMM operands of the projection, in a padded layout:
+    [BK, 16] = [pre (NP) | post (NP) | zeros] and [BK, NR] = [res (NP*NP, i*NP + j) | zeros]."""
     mk = k[:, None] < NC
-    row = phi_ptr + k[:, None] * (16 + NR)
-    p_pp = tl.load(row + tl.arange(0, 16)[None, :], mask=mk, other=0.0)
-    p_res = tl.load(row + 16 + tl.arange(0, NR)[None, :], mask=mk, other=0.0)
+    q = tl.arange(0, 16)
+    pre, post = q < n, (q >= NP) & (q - NP < n)
+    col = tl.where(pre, q, n + q - NP)
+    p_pp = tl.load(phi_ptr + k[:, None] * K + col[None, :], mask=mk & (pre | post)[None, :], other=0.0)
+    qq = tl.arange(0, NR)
+    i, j = qq // NP, qq % NP
+    real = (qq < NP * NP) & (i < n) & (j < n)
+    p_res = tl.load(phi_ptr + k[:, None] * K + 2 * n + (i * n + j)[None, :], mask=mk & real[None, :], other=0.0)
     return p_pp, p_res
 
 
@@ -476,7 +481,7 @@ def _mhc_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr, hpo
     for k0 in range(0, NC, BK):
         k = k0 + tl.arange(0, BK)
         v = tl.load(x_ptr + m[:, None] * NC + k[None, :], mask=(m[:, None] < M) & (k[None, :] < NC), other=0.0).to(tl.float32)
-        p_pp, p_res = _phi_blocks(phi_ptr, k, NC, NR)
+        p_pp, p_res = _phi_blocks(phi_ptr, k, NC, n, NP, K, NR)
         acc_pp = tl.dot(v, p_pp, acc_pp, input_precision=DOT_PRECISION)
         acc_res = tl.dot(v, p_res, acc_res, input_precision=DOT_PRECISION)
         ss += tl.sum(v * v, axis=1)
@@ -542,7 +547,7 @@ def _post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, a
             v = v.to(xn_ptr.dtype.element_ty)
             tl.store(xn_ptr + m[:, None] * NC + i * C + c[None, :], v, mask=mc)
             v = v.to(tl.float32)  # the next step sees x_next as stored (e.g. rounded to bf16)
-            p_pp, p_res = _phi_blocks(phi_ptr, i * C + c, NC, NR)                  # phi rows i*C + c
+            p_pp, p_res = _phi_blocks(phi_ptr, i * C + c, NC, n, NP, K, NR)        # phi rows i*C + c
             acc_pp = tl.dot(v, p_pp, acc_pp, input_precision=DOT_PRECISION)
             acc_res = tl.dot(v, p_res, acc_res, input_precision=DOT_PRECISION)
             ss += tl.sum(v * v, axis=1)
@@ -600,7 +605,7 @@ def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr
         k = k0 + tl.arange(0, BK)
         mk = (m[:, None] < M) & (k[None, :] < NC)
         v = tl.load(x_ptr + m[:, None] * NC + k[None, :], mask=mk, other=0.0).to(tl.float32)
-        p_pp, p_res = _phi_blocks(phi_ptr, k, NC, NR)
+        p_pp, p_res = _phi_blocks(phi_ptr, k, NC, n, NP, K, NR)
         dv = (tl.dot(da_pp, tl.trans(p_pp), input_precision=DOT_PRECISION)
               + tl.dot(da_res, tl.trans(p_res), input_precision=DOT_PRECISION) + coef[:, None] * v)
         stream, chan = k // C, k % C
@@ -624,23 +629,6 @@ def _pre_blocks(n, C):
     return NP, NR, BM, BK, BC
 
 
-@functools.lru_cache(maxsize=None)
-def _padded_columns(n, device):
-    """Where phi's columns [pre (n) | post (n) | res (n*n)] go in the padded layout
-    [pre (NP) | post (NP) | zeros up to 16 | res (NP*NP, i*NP + j) | zeros up to 16 + NR]."""
-    NP = triton.next_power_of_2(n)
-    cols = ([i for i in range(n)] + [NP + i for i in range(n)]
-            + [16 + i * NP + j for i in range(n) for j in range(n)])
-    return torch.tensor(cols, device=device)
-
-
-def _pad_phi(phi, n, NR):
-    """phi [nC, 2n + n^2] -> [nC, 16 + NR] in the padded layout the kernels' GEMM tiles need."""
-    padded = phi.new_zeros(phi.shape[0], 16 + NR, dtype=torch.float32)
-    padded[:, _padded_columns(n, phi.device)] = phi.float()
-    return padded
-
-
 @torch.library.custom_op("mhc::mhc_pre", mutates_args=())
 def mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, iters: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -655,7 +643,7 @@ def mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Te
     h, r = torch.empty(M, K, **f32), torch.empty(M, **f32)
     NP, NR, BM, BK, BC = _pre_blocks(n, C)
     if M > 0:
-        _mhc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, _pad_phi(phi, n, NR), alpha.float().contiguous(),
+        _mhc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, phi.float().contiguous(), alpha.float().contiguous(),
                                                    b.float().contiguous(), out, H_pre, H_post, H_res, h, r, M, C,
                                                    n=n, NP=NP, K=K, NR=NR, ITERS=iters, BM=BM, BK=BK, BC=BC,
                                                    num_warps=PRE_WARPS)
@@ -690,7 +678,7 @@ def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g
     flat = lambda t, *shape: t.reshape(M, *shape).float().contiguous()
     if M > 0:
         _mhc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
-            xf, _pad_phi(phi, n, NR), alpha.float().contiguous(), b.float().contiguous(), flat(h, K), flat(r),
+            xf, phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous(), flat(h, K), flat(r),
             flat(H_pre, n), g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n),
             dx, dacc, dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BK=BK,
             BC=BC, num_warps=PRE_WARPS)
@@ -756,7 +744,7 @@ def mhc_post_pre(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: 
     if M > 0:
         _post_pre_fwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), x_next,
-            _pad_phi(phi, n, NR), alpha.float().contiguous(), b.float().contiguous(), out, H_pre, H_post2, H_res2, h, r,
+            phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous(), out, H_pre, H_post2, H_res2, h, r,
             M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, BM=BM, BC=BC, num_warps=PRE_WARPS)
     lead = x.shape[:-2]
     return (x_next.view(x.shape), out.view(*lead, C), H_pre.view(*lead, n), H_post2.view(*lead, n),
