@@ -277,8 +277,8 @@ def ptxas_report():
         report(f"mhc_pre fwd n={n} C=768", sk._mhc_pre_fwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr",
                "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"], c, warps=sk.PRE_WARPS)
         report(f"mhc_pre bwd n={n} C=768", sk._mhc_pre_bwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "h_ptr", "r_ptr",
-               "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "dx_ptr", "dacc_ptr", "dz_ptr"],
-               c | dict(TP=32), warps=sk.PRE_WARPS)
+               "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "gacc_ptr", "dx_ptr", "dacc_ptr", "dz_ptr"],
+               c | dict(TP=32, HAS_ACC=True), warps=sk.PRE_WARPS)
         report(f"post+pre fwd n={n} C=768", sk._post_pre_fwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr", "xn_ptr",
                "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr", "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"],
                {k: v for k, v in c.items() if k != "BK"} | dict(BC=max(16, BC // 2)), warps=sk.PRE_WARPS)

@@ -22,6 +22,7 @@ back through them. A half-step y = x - logsumexp(x) has the vector-Jacobian prod
 g_x = g_y - exp(y) * sum(g_y) along the normalized axis, so each step needs only its own output.
 """
 import os
+from typing import Optional
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, kept (and its warning silenced)
 
@@ -559,9 +560,9 @@ def _post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, a
 
 @triton.jit
 def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr,
-                        ghres_ptr, dx_ptr, dacc_ptr, dz_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                        ghres_ptr, gacc_ptr, dx_ptr, dacc_ptr, dz_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
                         K: tl.constexpr, NR: tl.constexpr, ITERS: tl.constexpr, TP: tl.constexpr,
-                        BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+                        HAS_ACC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
     NC = n * C
     q = tl.arange(0, NP)
@@ -611,7 +612,10 @@ def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr
         stream, chan = k // C, k % C
         g = tl.load(gin_ptr + m[:, None] * C + chan[None, :], mask=mk, other=0.0).to(tl.float32)
         hp = tl.load(hpre_ptr + m[:, None] * n + stream[None, :], mask=mk, other=0.0)
-        tl.store(dx_ptr + m[:, None] * NC + k[None, :], dv + hp * g, mask=mk)
+        dx = dv + hp * g
+        if HAS_ACC:  # a gradient x already received elsewhere (the fused path's next write), added here
+            dx += tl.load(gacc_ptr + m[:, None] * NC + k[None, :], mask=mk, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + m[:, None] * NC + k[None, :], dx, mask=mk)
 
 
 PRE_WARPS = 8  # warps per program of the fused pre step (see _pre_blocks)
@@ -664,9 +668,11 @@ def _mhc_pre_fake(x, phi, alpha, b, iters):
 @torch.library.custom_op("mhc::mhc_pre_bwd", mutates_args=())
 def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g_res: torch.Tensor,
                 x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
-                r: torch.Tensor, H_pre: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dacc, dz): the state's gradient, and per token the gradients of acc = v . phi and of
-    the gate inputs z = alpha h + b (reduced over tokens by the caller: dphi, dalpha, db)."""
+                r: torch.Tensor, H_pre: torch.Tensor, iters: int, g_acc: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dacc, dz): the state's gradient (plus g_acc, a gradient it already has, if given), and
+    per token the gradients of acc = v . phi and of the gate inputs z = alpha h + b (reduced over
+    tokens by the caller: dphi, dalpha, db)."""
     n, C = x.shape[-2:]
     K = 2 * n + n * n
     xf = _flat(x, n)
@@ -680,13 +686,13 @@ def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g
         _mhc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
             xf, phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous(), flat(h, K), flat(r),
             flat(H_pre, n), g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n),
-            dx, dacc, dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BK=BK,
-            BC=BC, num_warps=PRE_WARPS)
+            _flat(g_acc, n) if g_acc is not None else dx, dx, dacc, dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters,
+            TP=triton.next_power_of_2(iters), HAS_ACC=g_acc is not None, BM=BM, BK=BK, BC=BC, num_warps=PRE_WARPS)
     return dx.view(x.shape), dacc, dz
 
 
 @mhc_pre_bwd.register_fake
-def _(g_in, g_pre, g_post, g_res, x, phi, alpha, b, h, r, H_pre, iters):
+def _(g_in, g_pre, g_post, g_res, x, phi, alpha, b, h, r, H_pre, iters, g_acc=None):
     M = x.numel() // (x.shape[-1] * x.shape[-2])
     K = phi.shape[-1]
     return torch.empty_like(x), x.new_empty((M, K), dtype=torch.float32), x.new_empty((M, K), dtype=torch.float32)
@@ -700,15 +706,15 @@ def _mhc_pre_setup(ctx, inputs, output):
     ctx.iters = iters
 
 
-def _pre_step_backward(x, phi, alpha, b, h, r, H_pre, iters, g_in, g_pre, g_post, g_res):
-    """Gradients of one pre step (x is its input stream): (dx, dphi, dalpha, db)."""
+def _pre_step_backward(x, phi, alpha, b, h, r, H_pre, iters, g_in, g_pre, g_post, g_res, g_acc=None):
+    """Gradients of one pre step (x is its input stream): (dx + g_acc, dphi, dalpha, db)."""
     n, C, lead = x.shape[-2], x.shape[-1], x.shape[:-2]
 
     def grad(g, *shape, dtype=torch.float32):  # an output that was not used has no gradient
         return g if g is not None else torch.zeros(*lead, *shape, dtype=dtype, device=x.device)
 
     dx, dacc, dz = mhc_pre_bwd(grad(g_in, C, dtype=_compute_dtype(x)), grad(g_pre, n), grad(g_post, n), grad(g_res, n, n),
-                               x, phi, alpha, b, h, r, H_pre, iters)
+                               x, phi, alpha, b, h, r, H_pre, iters, g_acc)
     # the reductions over tokens: dphi = v^T dacc (a GEMM), db = sum dz, dalpha = sum dz * h per map
     dphi = x.reshape(dacc.shape[0], -1).float().t() @ dacc
     dzh = dz * h.reshape(dz.shape)
@@ -767,8 +773,9 @@ def _post_pre_setup(ctx, inputs, output):
 def _post_pre_backward(ctx, g_next, g_in, g_pre, g_post, g_res, g_h, g_r):
     x, y, H_res, H_post, x_next, phi, alpha, b, h, r, H_pre = ctx.saved_tensors
     # backward of the pre step of sublayer k+1 (its input is x_next), then of the write of k
-    dxn, dphi, dalpha, db = _pre_step_backward(x_next, phi, alpha, b, h, r, H_pre, ctx.iters, g_in, g_pre, g_post, g_res)
-    g_total = dxn if g_next is None else g_next + dxn
+    # (x_next's gradient from later sublayers, g_next, is added inside the pre step's kernel)
+    g_total, dphi, dalpha, db = _pre_step_backward(x_next, phi, alpha, b, h, r, H_pre, ctx.iters, g_in, g_pre, g_post,
+                                                   g_res, g_next)
     dx, dy, dres, dpost = stream_post_bwd(g_total, x, y, H_res, H_post)
     return dx, dy, dres, dpost, dphi, dalpha, db, None
 
