@@ -41,6 +41,12 @@ DEFAULTS = dict(
 )
 
 
+def triton_kernels(device):
+    """The Triton kernels when they can run here: on a GPU, or on the CPU in Triton's interpreter."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return mhc.triton_kernels if device == "cuda" or interpreted else None
+
+
 def bench_fn(fn, device):
     """Median milliseconds of fn()."""
     if device == "cuda":
@@ -79,7 +85,7 @@ def fwd_bwd(fn, inputs, grads):
 
 
 def bench_kernels(c, device):
-    K = mhc.triton_kernels
+    K = triton_kernels(device)
     bw = copy_bandwidth(device)
     print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
     print(f"{'op':<44} {'time':>12} {'min bytes':>13} {'achieved':>14} {'% copy':>7} {'vs eager':>8}")
@@ -165,7 +171,7 @@ def bench_e2e(c, device):
             ("mhc", "torch", False, False, "float32")]
     if c["compiled_torch_mhc"]:
         runs.append(("mhc", "torch", True, False, "float32"))
-    if mhc.triton_kernels:
+    if triton_kernels(device):
         runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32"),
                  ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
     tokens = c["batch_size"] * c["block_size"]
