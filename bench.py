@@ -265,11 +265,11 @@ def ptxas_report():
         print(f"{name:<34} {fields.get('REG', '?'):>5} {fields.get('STACK', '?'):>12}")
 
     for n in (4, 8):
-        NP, BLOCK, _ = sk._sinkhorn_launch_args(1, n, 20)
+        NP, BLOCK, _ = sk._sinkhorn_launch_args(1, n)
         c = dict(n=n, NP=NP, ITERS=20)
         report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), ints=("N",))
         report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr"],
-               c | dict(TP=32, BLOCK=max(1, BLOCK // 2)), ints=("N",))
+               c | dict(TP=32, BLOCK=sk._sinkhorn_launch_args(1, n, backward=True)[1]), ints=("N",))
         NP, BM, BC = sk._stream_blocks(n, 768)
         c = dict(n=n, NP=NP, BM=BM, BC=BC)
         report(f"stream_pre fwd n={n} C=768", sk._pre_fwd_kernel, ["x_ptr", "h_ptr", "out_ptr"], c)

@@ -299,7 +299,7 @@ def reduce_streams(x):
     """[..., n, C] -> [..., C]. We average (HC sums): the final norm makes the two equivalent,
     and with the mean an untrained HC/mHC model (all streams equal) hands the final norm exactly
     the residual model's stream."""
-    return x.float().mean(dim=-2) if x.dtype in (torch.bfloat16, torch.float16) else x.mean(dim=-2)
+    return x.mean(dim=-2, dtype=torch.promote_types(x.dtype, torch.float32))  # a bf16 stream sums in fp32
 
 
 # ----------------------------------------------------------------------------------------------

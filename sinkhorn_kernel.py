@@ -115,9 +115,11 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, N, n: tl.constexpr, NP: tl.conste
     tl.store(dL_ptr + offs, _sinkhorn_grad(L, valid, G, ITERS, TP), mask=mask)
 
 
-def _sinkhorn_launch_args(N, n, iters):
+def _sinkhorn_launch_args(N, n, backward=False):
+    """NP (n padded to a power of 2), matrices per program, grid. The backward takes half as
+    many matrices: it also keeps the potentials' history in registers."""
     NP = triton.next_power_of_2(n)
-    BLOCK = max(1, min(64, 512 // (NP * NP)))
+    BLOCK = max(1, min(64, 512 // (NP * NP)) // (2 if backward else 1))
     return NP, BLOCK, (triton.cdiv(N, BLOCK),)
 
 
@@ -126,7 +128,7 @@ def sinkhorn_fwd(logits: torch.Tensor, iters: int) -> torch.Tensor:
     n = logits.shape[-1]
     L = logits.reshape(-1, n, n).contiguous()
     H = torch.empty(L.shape, dtype=torch.float32, device=L.device)
-    NP, BLOCK, grid = _sinkhorn_launch_args(L.shape[0], n, iters)
+    NP, BLOCK, grid = _sinkhorn_launch_args(L.shape[0], n)
     if L.shape[0] > 0:
         _sinkhorn_fwd_kernel[grid](L, H, L.shape[0], n=n, NP=NP, ITERS=iters, BLOCK=BLOCK)
     return H.view(logits.shape)
@@ -143,9 +145,7 @@ def sinkhorn_bwd(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.
     L = logits.reshape(-1, n, n).contiguous()
     G = grad.reshape(-1, n, n).contiguous()
     dL = torch.empty(L.shape, dtype=torch.float32, device=L.device)
-    NP, BLOCK, grid = _sinkhorn_launch_args(L.shape[0], n, iters)
-    BLOCK = max(1, BLOCK // 2)  # the backward keeps the potentials' history in registers too
-    grid = (triton.cdiv(L.shape[0], BLOCK),)
+    NP, BLOCK, grid = _sinkhorn_launch_args(L.shape[0], n, backward=True)
     if L.shape[0] > 0:
         _sinkhorn_bwd_kernel[grid](L, G, dL, L.shape[0], n=n, NP=NP, ITERS=iters,
                                    TP=triton.next_power_of_2(iters), BLOCK=BLOCK)
@@ -327,15 +327,15 @@ def _(g, x, H_pre):
     return torch.empty_like(x), torch.empty_like(H_pre)
 
 
-def _pre_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # the stream ops' backward kernels need exactly their inputs
 
 
 def _pre_backward(ctx, g):
     return stream_pre_bwd(g, *ctx.saved_tensors)
 
 
-torch.library.register_autograd("mhc::stream_pre", _pre_backward, setup_context=_pre_setup)
+torch.library.register_autograd("mhc::stream_pre", _pre_backward, setup_context=_save_inputs)
 
 
 @torch.library.custom_op("mhc::stream_post", mutates_args=())
@@ -379,15 +379,11 @@ def _(g, x, y, H_res, H_post):
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(H_res), torch.empty_like(H_post)
 
 
-def _post_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
 def _post_backward(ctx, g):
     return stream_post_bwd(g, *ctx.saved_tensors)
 
 
-torch.library.register_autograd("mhc::stream_post", _post_backward, setup_context=_post_setup)
+torch.library.register_autograd("mhc::stream_post", _post_backward, setup_context=_save_inputs)
 
 
 # ----------------------------------------------------------------------------------------------
