@@ -1,18 +1,24 @@
 """
-Pictures from training logs (out_dir/log.jsonl of train.py), for the README:
+Pictures and a results table from training logs (out_dir/log.jsonl of train.py), for the README:
 
-    python plot.py out-residual out-hc out-mhc --out_dir=assets [--labels=residual,HC,mHC]
+    python plot.py out-residual out-hc out-mhc --out_dir=assets [--labels=residual,HC,mHC] [--prefix=cmp_]
 
+Runs that share a label (seeds: --labels=HC,HC,mHC,mHC) get one colour in the pictures and one
+row in the table (their mean, ± half the spread between them). Pictures, each named prefix + :
 loss.png      validation loss against tokens (dashed: the second validation set, --extra_val)
 grad_norm.png gradient norm against step
 gain.png      composite forward/backward gain of H_res against depth (last eval) and against step
+depth.png     gain and distance to the uniform matrix of the composite H_res against depth (last eval)
 h_res.png     the batch-mean H_res of the first, middle and last sublayer (last eval)
+The table (markdown, on stdout) has the final losses, speed, memory, gains and distances.
 Needs matplotlib (pip install matplotlib).
 """
 import json
 import os
+import statistics
 import sys
 
+import mhc
 from configurator import ConfigError, configure
 
 
@@ -22,11 +28,45 @@ def read_log(run_dir):
         sys.exit(f"error: {path} not found; give the --out_dir folders of train.py runs")
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if "val_loss" in r], [r for r in rows if "loss" in r]
+    evals, steps = [r for r in rows if "val_loss" in r], [r for r in rows if "loss" in r]
+    if not evals:
+        sys.exit(f"error: {path} has no eval row yet; let the run reach its first --eval_interval")
+    return evals, steps
+
+
+def by_depth(mats):
+    """(forward gain, distance to J/n) of the composite H_res over the first d sublayers, each d."""
+    return [(mhc.gain_magnitude(mats[:d])[0], mhc.composite_distance(mats[:d])[1]) for d in range(1, len(mats) + 1)]
+
+
+def summary(values):
+    """'mean' for one run, 'mean ± half the spread' for seeds; '' when no run has the value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    mean = statistics.fmean(values)
+    text = f"{mean:.4g}" if abs(mean) < 1e4 else f"{mean:.3e}"
+    return text + (f" ± {(max(values) - min(values)) / 2:.2g}" if len(values) > 1 else "")
+
+
+def table(groups):
+    cols = ["mode", "runs", "val loss", "2nd val loss", "tokens/s", "peak GiB", "fwd gain", "bwd gain",
+            "max fwd gain", "‖P−I‖", "‖P−J/n‖"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for label, runs in groups.items():
+        last = [evals[-1] for evals, _ in runs]
+        col = lambda key: summary([r.get(key) for r in last])
+        speed = summary([statistics.median(r["tokens_per_s"] for r in steps[1:] or steps) for _, steps in runs])
+        mem = summary([max((r.get("peak_mem_gib") or 0 for r in steps), default=0) or None for _, steps in runs])
+        top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
+        lines.append("| " + " | ".join([label, str(len(runs)), col("val_loss"), col("extra_val_loss"), speed, mem,
+                                        col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"),
+                                        col("dist_uniform")]) + " |")
+    return "\n".join(lines)
 
 
 def main(argv):
-    c = dict(out_dir="assets", labels="")
+    c = dict(out_dir="assets", labels="", prefix="")
     runs = [a for a in argv if not a.startswith("--")]
     try:
         configure(c, [a for a in argv if a.startswith("--")], allow_files=False)
@@ -43,66 +83,92 @@ def main(argv):
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
-    logs = {label: read_log(r) for label, r in zip(labels, runs)}
+    groups = {}
+    for label, r in zip(labels, runs):
+        groups.setdefault(label, []).append(read_log(r))
+    color = {label: f"C{i}" for i, label in enumerate(groups)}
     os.makedirs(c["out_dir"], exist_ok=True)
     written = []
 
     def save(fig, name):
-        path = os.path.join(c["out_dir"], name)
+        path = os.path.join(c["out_dir"], c["prefix"] + name)
         fig.savefig(path + ".tmp.png", dpi=120)
         os.replace(path + ".tmp.png", path)  # never a half-written picture
         plt.close(fig)
         written.append(path)
 
+    def lines(ax, label, k, x, y, style="-", name=None, **kw):
+        """One curve per run, the legend entry on the group's first run only."""
+        ax.plot(x, y, style, color=color[label], label=(name or label) if k == 0 else None, **kw)
+
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    for label, (evals, _) in logs.items():
-        line, = ax.plot([r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals], label=label)
-        extra = [r for r in evals if "extra_val_loss" in r]
-        if extra:
-            ax.plot([r["tokens"] / 1e6 for r in extra], [r["extra_val_loss"] for r in extra], "--",
-                    color=line.get_color(), label=f"{label} (2nd val set)")
+    for label, group in groups.items():
+        for k, (evals, _) in enumerate(group):
+            lines(ax, label, k, [r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals])
+            extra = [r for r in evals if "extra_val_loss" in r]
+            if extra:
+                lines(ax, label, k, [r["tokens"] / 1e6 for r in extra], [r["extra_val_loss"] for r in extra], "--",
+                      name=f"{label} (2nd val set)")
     ax.set(xlabel="tokens (M)", ylabel="validation loss", title="validation loss")
-    ax.legend()
+    ax.legend(fontsize=7)
     save(fig, "loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    for label, (_, steps) in logs.items():
-        ax.plot([r["iter"] for r in steps], [r["grad_norm"] for r in steps], label=label, lw=0.8)
+    for label, group in groups.items():
+        for k, (_, steps) in enumerate(group):
+            lines(ax, label, k, [r["iter"] for r in steps], [r["grad_norm"] for r in steps], lw=0.8)
     ax.set(xlabel="step", ylabel="gradient norm (before clipping)", yscale="log", title="gradient norm")
-    ax.legend()
+    ax.legend(fontsize=7)
     save(fig, "grad_norm.png")
 
-    streams = {label: evals for label, (evals, _) in logs.items() if evals and "gain_by_depth" in evals[-1]}
+    streams = {label: group for label, group in groups.items() if "h_res" in group[0][0][-1]}
     if streams:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-        for label, evals in streams.items():
-            depth = evals[-1]["gain_by_depth"]
-            line, = a1.plot(range(1, len(depth) + 1), [g[0] for g in depth], label=f"{label} forward")
-            a1.plot(range(1, len(depth) + 1), [g[1] for g in depth], "--", color=line.get_color(), label=f"{label} backward")
-            a2.plot([r["iter"] for r in evals], [r["fwd_gain"] for r in evals], color=line.get_color(), label=f"{label} forward")
-            a2.plot([r["iter"] for r in evals], [r["bwd_gain"] for r in evals], "--", color=line.get_color(), label=f"{label} backward")
+        for label, group in streams.items():
+            for k, (evals, _) in enumerate(group):
+                depth = evals[-1]["gain_by_depth"]
+                lines(a1, label, k, range(1, len(depth) + 1), [g[0] for g in depth], name=f"{label} forward")
+                lines(a1, label, k, range(1, len(depth) + 1), [g[1] for g in depth], "--", name=f"{label} backward")
+                lines(a2, label, k, [r["iter"] for r in evals], [r["fwd_gain"] for r in evals], name=f"{label} forward")
+                lines(a2, label, k, [r["iter"] for r in evals], [r["bwd_gain"] for r in evals], "--",
+                      name=f"{label} backward")
         a1.set(xlabel="sublayers composed", ylabel="gain of the composite H_res", yscale="log", title="gain against depth (end)")
         a2.set(xlabel="step", ylabel="gain of all sublayers", yscale="log", title="composite gain during training")
         a1.legend(fontsize=7)
         a2.legend(fontsize=7)
         save(fig, "gain.png")
 
-        with_maps = {label: evals[-1]["h_res"] for label, evals in streams.items() if "h_res" in evals[-1]}
-        if with_maps:
-            fig, axes = plt.subplots(len(with_maps), 3, figsize=(8, 2.7 * len(with_maps)), squeeze=False,
-                                     layout="constrained")
-            for row, (label, mats) in zip(axes, with_maps.items()):
-                for ax, k in zip(row, (0, len(mats) // 2, len(mats) - 1)):
-                    im = ax.imshow(mats[k], cmap="viridis", vmin=0, vmax=1)  # HC's entries may leave [0, 1]
-                    for i, line in enumerate(mats[k]):
-                        for j, value in enumerate(line):
-                            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                                    color="black" if value > 0.5 else "white")
-                    ax.set_title(f"{label}: sublayer {k}", fontsize=9)
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-            fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
-            save(fig, "h_res.png")
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+        for label, group in streams.items():
+            for k, (evals, _) in enumerate(group):
+                first, last = by_depth(evals[0]["h_res"]), by_depth(evals[-1]["h_res"])
+                d = range(1, len(last) + 1)
+                lines(a1, label, k, d, [g for g, _ in last])
+                lines(a2, label, k, d, [u for _, u in last], name=f"{label}, step {evals[-1]['iter']}")
+                lines(a2, label, k, d, [u for _, u in first], ":", name=f"{label}, step {evals[0]['iter']}")
+        a1.set(xlabel="sublayers composed", ylabel="forward gain (max row sum)", yscale="log",
+               title="gain of the composite H_res (end)")
+        a2.set(xlabel="sublayers composed", ylabel="‖P − J/n‖ (0: every stream the same mix)",
+               title="distance of the composite H_res to uniform")
+        a1.legend(fontsize=7)
+        a2.legend(fontsize=7)
+        save(fig, "depth.png")
+
+        fig, axes = plt.subplots(len(streams), 3, figsize=(8, 2.7 * len(streams)), squeeze=False, layout="constrained")
+        for row, (label, group) in zip(axes, streams.items()):
+            mats = group[0][0][-1]["h_res"]  # the group's first run
+            for ax, k in zip(row, (0, len(mats) // 2, len(mats) - 1)):
+                im = ax.imshow(mats[k], cmap="viridis", vmin=0, vmax=1)  # HC's entries may leave [0, 1]
+                for i, line in enumerate(mats[k]):
+                    for j, value in enumerate(line):
+                        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                                color="black" if value > 0.5 else "white")
+                ax.set_title(f"{label}: sublayer {k}", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+        save(fig, "h_res.png")
+    print(table(groups))
     print("wrote " + ", ".join(written))
 
 
