@@ -45,24 +45,25 @@ def summary(values):
     if not values:
         return ""
     mean = statistics.fmean(values)
-    text = f"{mean:.4g}" if abs(mean) < 1e4 else f"{mean:.3e}"
-    return text + (f" ± {(max(values) - min(values)) / 2:.2g}" if len(values) > 1 else "")
+    text, spread = (f"{mean:.4g}" if abs(mean) < 1e4 else f"{mean:.3e}"), (max(values) - min(values)) / 2
+    return text + (f" ± {spread:.2g}" if len(values) > 1 and spread >= 1e-4 * abs(mean) else "")  # not ± 8e-08
 
 
 def table(groups):
     cols = ["mode", "runs", "val loss", "2nd val loss", "tokens/s", "peak GiB", "fwd gain", "bwd gain",
             "max fwd gain", "‖P−I‖", "‖P−J/n‖"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = []
     for label, runs in groups.items():
         last = [evals[-1] for evals, _ in runs]
         col = lambda key: summary([r.get(key) for r in last])
         speed = summary([statistics.median(r["tokens_per_s"] for r in steps[1:] or steps) for _, steps in runs])
         mem = summary([max((r.get("peak_mem_gib") or 0 for r in steps), default=0) or None for _, steps in runs])
         top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
-        lines.append("| " + " | ".join([label, str(len(runs)), col("val_loss"), col("extra_val_loss"), speed, mem,
-                                        col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"),
-                                        col("dist_uniform")]) + " |")
-    return "\n".join(lines)
+        rows.append([label, str(len(runs)), col("val_loss"), col("extra_val_loss"), speed, mem, col("fwd_gain"),
+                     col("bwd_gain"), top, col("dist_identity"), col("dist_uniform")])
+    keep = [j for j in range(len(cols)) if any(row[j] for row in rows)]  # no empty column (peak GiB on a CPU)
+    return "\n".join(["| " + " | ".join(cols[j] for j in keep) + " |", "|" + "---|" * len(keep)] +
+                     ["| " + " | ".join(row[j] for j in keep) + " |" for row in rows])
 
 
 def main(argv):

@@ -754,16 +754,18 @@ def test_plot_makes_the_readme_pictures(data_dir, tmp_root, tmp_path):
     for name in ("loss.png", "grad_norm.png", "gain.png", "depth.png", "h_res.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "wrote" in p.stdout
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in p.stdout.splitlines() if line.startswith("| ")}
+    header, _, *lines = [[cell.strip() for cell in line.split("|")[1:-1]] for line in p.stdout.splitlines() if line.startswith("|")]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in lines}
     final = {mode: [row for row in map(json.loads, open(os.path.join(r, "log.jsonl"))) if "val_loss" in row][-1]
              for mode, r in zip(("residual", "HC", "mHC"), runs)}
-    assert float(rows["mHC"][1]) == pytest.approx(final["mHC"]["val_loss"], rel=1e-3)  # the table's val loss
-    assert rows["residual"][6].strip() == "" and float(rows["mHC"][6]) == pytest.approx(1.0, abs=1e-3)  # fwd gain
+    assert float(rows["mHC"]["val loss"]) == pytest.approx(final["mHC"]["val_loss"], rel=1e-3)
+    assert rows["residual"]["fwd gain"] == "" and float(rows["mHC"]["fwd gain"]) == pytest.approx(1.0, abs=1e-3)
+    assert "peak GiB" not in header and "2nd val loss" not in header  # no empty columns (CPU, no --extra_val)
     # runs that share a label (seeds) make one row: their mean, ± half the spread
     p = run("plot.py", runs[1], runs[2], f"--out_dir={tmp_path}", "--labels=both,both", "--prefix=seeds_")
     both = next(line for line in p.stdout.splitlines() if line.startswith("| both | 2 |"))
     mean = (final["HC"]["val_loss"] + final["mHC"]["val_loss"]) / 2
-    assert float(both.split("|")[3].split("±")[0]) == pytest.approx(mean, rel=1e-3)
+    assert float(both.split("|")[3].split("±")[0]) == pytest.approx(mean, rel=1e-3)  # val loss, the 3rd column
     assert (tmp_path / "seeds_depth.png").exists()
     assert_clean_error(run("plot.py", str(tmp_path / "nothing"), ok=False), "log.jsonl")
 
