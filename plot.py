@@ -149,7 +149,7 @@ def main(argv):
                 lines(a2, label, k, d, [u for _, u in first], ":", name=f"{label}, step {evals[0]['iter']}")
         a1.set(xlabel="sublayers composed", ylabel="forward gain (max row sum)", yscale="log",
                title="gain of the composite H_res (end)")
-        a2.set(xlabel="sublayers composed", ylabel="‖P − J/n‖ (0: every stream the same mix)",
+        a2.set(xlabel="sublayers composed", ylabel="‖P − J/n‖ (0: every stream the same mix)", yscale="log",
                title="distance of the composite H_res to uniform")
         a1.legend(fontsize=7)
         a2.legend(fontsize=7)
