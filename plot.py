@@ -110,6 +110,11 @@ def main(argv):
             if extra:
                 lines(ax, label, k, [r["tokens"] / 1e6 for r in extra], [r["extra_val_loss"] for r in extra], "--",
                       name=f"{label} (2nd val set)")
+    later = [r[key] for group in groups.values() for evals, _ in group for r in evals[1:]
+             for key in ("val_loss", "extra_val_loss") if key in r]
+    if later:  # the untrained step-0 loss (about 10.8) would squash the curves that matter
+        pad = 0.05 * (max(later) - min(later) or 1)
+        ax.set_ylim(min(later) - pad, max(later) + pad)
     ax.set(xlabel="tokens (M)", ylabel="validation loss", title="validation loss")
     ax.legend(fontsize=7)
     save(fig, "loss.png")
