@@ -34,9 +34,10 @@ def read_log(run_dir):
     return evals, steps
 
 
-def by_depth(mats):
-    """(forward gain, distance to J/n) of the composite H_res over the first d sublayers, each d."""
-    return [(mhc.gain_magnitude(mats[:d])[0], mhc.composite_distance(mats[:d])[1]) for d in range(1, len(mats) + 1)]
+def uniform_by_depth(mats):
+    """Distance to J/n of the composite H_res over the first d sublayers, for each d (train.py
+    logs the gains by depth, not the distances; L products of a few 4x4 matrices, cheap)."""
+    return [mhc.composite_distance(mats[:d])[1] for d in range(1, len(mats) + 1)]
 
 
 def summary(values):
@@ -57,7 +58,7 @@ def table(groups):
         last = [evals[-1] for evals, _ in runs]
         col = lambda key: summary([r.get(key) for r in last])
         speed = summary([statistics.median(r["tokens_per_s"] for r in steps[1:] or steps) for _, steps in runs])
-        mem = summary([max((r.get("peak_mem_gib") or 0 for r in steps), default=0) or None for _, steps in runs])
+        mem = summary([max((r["peak_mem_gib"] for r in steps if "peak_mem_gib" in r), default=None) for _, steps in runs])
         top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
         rows.append([label, str(len(runs)), col("val_loss"), col("extra_val_loss"), speed, mem, col("fwd_gain"),
                      col("bwd_gain"), top, col("dist_identity"), col("dist_uniform")])
@@ -103,6 +104,7 @@ def main(argv):
         ax.plot(x, y, style, color=color[label], label=(name or label) if k == 0 else None, **kw)
 
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    later = []  # the losses after the first eval, for the axis range
     for label, group in groups.items():
         for k, (evals, _) in enumerate(group):
             lines(ax, label, k, [r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals])
@@ -110,8 +112,7 @@ def main(argv):
             if extra:
                 lines(ax, label, k, [r["tokens"] / 1e6 for r in extra], [r["extra_val_loss"] for r in extra], "--",
                       name=f"{label} (2nd val set)")
-    later = [r[key] for group in groups.values() for evals, _ in group for r in evals[1:]
-             for key in ("val_loss", "extra_val_loss") if key in r]
+            later += [r["val_loss"] for r in evals[1:]] + [r["extra_val_loss"] for r in extra[1:]]
     if later:  # the untrained step-0 loss (about 10.8) would squash the curves that matter
         pad = 0.05 * (max(later) - min(later) or 1)
         ax.set_ylim(min(later) - pad, max(later) + pad)
@@ -147,11 +148,10 @@ def main(argv):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
         for label, group in streams.items():
             for k, (evals, _) in enumerate(group):
-                first, last = by_depth(evals[0]["h_res"]), by_depth(evals[-1]["h_res"])
-                d = range(1, len(last) + 1)
-                lines(a1, label, k, d, [g for g, _ in last])
-                lines(a2, label, k, d, [u for _, u in last], name=f"{label}, step {evals[-1]['iter']}")
-                lines(a2, label, k, d, [u for _, u in first], ":", name=f"{label}, step {evals[0]['iter']}")
+                d = range(1, len(evals[-1]["gain_by_depth"]) + 1)
+                lines(a1, label, k, d, [g[0] for g in evals[-1]["gain_by_depth"]])  # as logged by train.py
+                lines(a2, label, k, d, uniform_by_depth(evals[-1]["h_res"]), name=f"{label}, step {evals[-1]['iter']}")
+                lines(a2, label, k, d, uniform_by_depth(evals[0]["h_res"]), ":", name=f"{label}, step {evals[0]['iter']}")
         a1.set(xlabel="sublayers composed", ylabel="forward gain (max row sum)", yscale="log",
                title="gain of the composite H_res (end)")
         a2.set(xlabel="sublayers composed", ylabel="‖P − J/n‖ (0: every stream the same mix)", yscale="log",

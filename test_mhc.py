@@ -756,8 +756,7 @@ def test_plot_makes_the_readme_pictures(data_dir, tmp_root, tmp_path):
     assert "wrote" in p.stdout
     header, _, *lines = [[cell.strip() for cell in line.split("|")[1:-1]] for line in p.stdout.splitlines() if line.startswith("|")]
     rows = {cells[0]: dict(zip(header, cells)) for cells in lines}
-    final = {mode: [row for row in map(json.loads, open(os.path.join(r, "log.jsonl"))) if "val_loss" in row][-1]
-             for mode, r in zip(("residual", "HC", "mHC"), runs)}
+    final = {mode: [row for row in read_log(r) if "val_loss" in row][-1] for mode, r in zip(("residual", "HC", "mHC"), runs)}
     assert float(rows["mHC"]["val loss"]) == pytest.approx(final["mHC"]["val_loss"], rel=1e-3)
     assert rows["residual"]["fwd gain"] == "" and float(rows["mHC"]["fwd gain"]) == pytest.approx(1.0, abs=1e-3)
     assert "peak GiB" not in header and "2nd val loss" not in header  # no empty columns (CPU, no --extra_val)

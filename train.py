@@ -179,11 +179,11 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    if c["kernel"] == "triton" and c["residual"] != "residual":
-        if mhc.triton_kernels is None:
-            die("--kernel=triton but Triton is not installed: pip install triton, or use --kernel=torch")
-        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            die("--kernel=triton needs a CUDA GPU; use --kernel=torch on the CPU")
+    if c["residual"] != "residual":
+        try:  # mhc.use_triton's checks (Triton installed, a GPU or the interpreter), before any data work
+            mhc.use_triton(c["kernel"], torch.empty(0, device=device))
+        except RuntimeError as e:
+            die(e)
 
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
