@@ -72,7 +72,7 @@ def copy_bandwidth(device):
 def row(name, ms, nbytes, bw, base_ms=None):
     gbs = nbytes / (ms * 1e-3) / 1e9
     speedup = f"{base_ms / ms:7.1f}x" if base_ms else "      -"
-    print(f"{name:<44} {ms:9.3f} ms {nbytes / 1e6:10.1f} MB {gbs:9.0f} GB/s {100 * gbs * 1e9 / bw:6.1f}% {speedup}")
+    print(f"{name:<56} {ms:9.3f} ms {nbytes / 1e6:10.1f} MB {gbs:9.0f} GB/s {100 * gbs * 1e9 / bw:6.1f}% {speedup}")
 
 
 def fwd_bwd(fn, inputs, grads):
@@ -88,7 +88,7 @@ def bench_kernels(c, device):
     K = triton_kernels(device)
     bw = copy_bandwidth(device)
     print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
-    print(f"{'op':<44} {'time':>12} {'min bytes':>13} {'achieved':>14} {'% copy':>7} {'vs eager':>8}")
+    print(f"{'op':<56} {'time':>12} {'min bytes':>13} {'achieved':>14} {'% copy':>7} {'vs eager':>8}")
     compiled_sinkhorn = torch.compile(mhc.sinkhorn) if c["compile"] else None
     for n in (4, 8):
         N = c["matrices"]
@@ -133,13 +133,39 @@ def bench_kernels(c, device):
     ops.append(("mhc pre step", lambda f: (lambda: f.mhc_pre_step(x, *params)), xb + M * C * 4 + cb,
                 lambda f: fwd_bwd(f.mhc_pre_step, [x, *params], grads), 2 * xb + M * C * 4 + cb))
 
+    # sublayer k's write fused with sublayer k+1's pre step (the fused mHC path of model.py)
+    def torch_post_pre(x, y, h_res, h_post, *params):
+        x_next = mhc.stream_post(x, y, h_res, h_post)
+        return (x_next, *torch_pre(x_next, *params))
+
+    pp_inputs = [x, y, h_res, h_post, *params]
+    pp_grads = [torch.ones(M, n, C, device=device)] + grads
+    ops.append(("mhc post+pre step", lambda f: (lambda: f.mhc_post_pre_step(*pp_inputs)),
+                3 * xb + yb + M * C * 4 + 2 * cb, lambda f: fwd_bwd(f.mhc_post_pre_step, pp_inputs, pp_grads),
+                4 * xb + 2 * yb + M * C * 4 + 2 * cb))
+
+    # the same for HC: its per-stream maps and H_pre . x
+    hc = mhc.HyperConnection(n, C, layer_id=0).to(device)
+    hc_params = [hc.W, hc.s, hc.b]
+
+    def torch_hc_pre(x, *params):
+        H_pre, H_post, H_res = hc.maps(x)
+        return mhc.stream_pre(x, H_pre), H_post, H_res
+
+    hc_bytes = M * (n * n + 2 * n) * 4 + M * n * (n + 3) * 4  # the maps, and u, r for the backward
+    ops.append(("hc pre step", lambda f: (lambda: f.hc_pre_step(x, *hc_params)), xb + M * C * 4 + hc_bytes,
+                lambda f: fwd_bwd(f.hc_pre_step, [x, *hc_params], grads), 2 * xb + M * C * 4 + hc_bytes))
+
     class Eager:
-        stream_pre, stream_post, mhc_pre_step = mhc.stream_pre, mhc.stream_post, torch_pre
+        stream_pre, stream_post, mhc_pre_step, hc_pre_step = mhc.stream_pre, mhc.stream_post, torch_pre, torch_hc_pre
+        mhc_post_pre_step = torch_post_pre
 
     class Compiled:
         stream_pre = torch.compile(mhc.stream_pre) if c["compile"] else None
         stream_post = torch.compile(mhc.stream_post) if c["compile"] else None
         mhc_pre_step = torch.compile(torch_pre) if c["compile"] else None
+        hc_pre_step = torch.compile(torch_hc_pre) if c["compile"] else None
+        mhc_post_pre_step = torch.compile(torch_post_pre) if c["compile"] else None
 
     class Triton:
         stream_pre, stream_post = (K.stream_pre, K.stream_post) if K else (None, None)
@@ -147,6 +173,16 @@ def bench_kernels(c, device):
         @staticmethod
         def mhc_pre_step(x, *params):
             layer_in, _, H_post, H_res, _, _ = K.mhc_pre(x, *params, conn.sinkhorn_iters)
+            return layer_in, H_post, H_res
+
+        @staticmethod
+        def mhc_post_pre_step(x, y, h_res, h_post, *params):
+            x_next, layer_in, _, H_post, H_res, _, _ = K.mhc_post_pre(x, y, h_res, h_post, *params, conn.sinkhorn_iters)
+            return x_next, layer_in, H_post, H_res
+
+        @staticmethod
+        def hc_pre_step(x, *params):
+            layer_in, _, H_post, H_res, _, _ = K.hc_pre(x, *params)
             return layer_in, H_post, H_res
 
     impls = [("torch eager", Eager)] + ([("torch.compile", Compiled)] if c["compile"] else []) + ([("triton", Triton)] if K else [])
@@ -283,11 +319,20 @@ def ptxas_report():
         report(f"mhc_pre fwd n={n} C=768", sk._mhc_pre_fwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr",
                "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"], c, warps=sk.PRE_WARPS)
         report(f"mhc_pre bwd n={n} C=768", sk._mhc_pre_bwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "h_ptr", "r_ptr",
-               "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "gacc_ptr", "dx_ptr", "dacc_ptr", "dz_ptr"],
-               c | dict(TP=32, HAS_ACC=True), warps=sk.PRE_WARPS)
+               "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "dx_ptr", "dacc_ptr", "dz_ptr"],
+               c | dict(TP=32), warps=sk.PRE_WARPS)
+        c_hc = dict(zip(("NP", "QP", "BM", "BC"), sk._hc_blocks(n, 768)), n=n, Q=n + 2)
+        report(f"hc_pre fwd n={n} C=768", sk._hc_pre_fwd_kernel, ["x_ptr", "W_ptr", "s_ptr", "b_ptr", "out_ptr", "hpre_ptr",
+               "hpost_ptr", "hres_ptr", "u_ptr", "r_ptr"], c_hc, warps=sk.PRE_WARPS)
+        report(f"hc_pre bwd n={n} C=768", sk._hc_pre_bwd_kernel, ["x_ptr", "W_ptr", "s_ptr", "u_ptr", "r_ptr", "hpre_ptr",
+               "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "dx_ptr", "dhpre_ptr", "dacc_ptr"], c_hc, warps=sk.PRE_WARPS)
         report(f"post+pre fwd n={n} C=768", sk._post_pre_fwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr", "xn_ptr",
                "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr", "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"],
                {k: v for k, v in c.items() if k != "BK"} | dict(BC=max(16, BC // 2)), warps=sk.PRE_WARPS)
+        report(f"post+pre bwd n={n} C=768", sk._post_pre_bwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr", "xn_ptr",
+               "phi_ptr", "alpha_ptr", "b_ptr", "h_ptr", "r_ptr", "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr",
+               "ghres_ptr", "gnext_ptr", "dx_ptr", "dy_ptr", "dhres0_ptr", "dhpost0_ptr", "dacc_ptr", "dz_ptr"],
+               {k: v for k, v in c.items() if k != "BK"} | dict(TP=32, BC=max(16, BC // 2)), warps=sk.PRE_WARPS)
 
 
 def main(argv):

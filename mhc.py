@@ -157,12 +157,17 @@ class HyperConnection(Connection):
     def maps(self, x):
         n = self.n
         with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
-            d = torch.tanh(F.rms_norm(x.to(self.W.dtype), (self.C,)) @ self.W)  # [..., n, n + 2]
+            d = torch.tanh(F.rms_norm(x.to(self.W.dtype), (self.C,), eps=1e-6) @ self.W)  # [..., n, n + 2]
             b_pre, b_post, b_res = self.b.split([n, n, n * n])
             H_pre = b_pre + self.s[0] * d[..., 0]
             H_post = b_post + self.s[1] * d[..., 1]
             H_res = b_res.view(n, n) + self.s[2] * d[..., 2:].transpose(-1, -2)  # H_res[i, j] from stream j
         return H_pre, H_post, self.mixing(H_res)
+
+    def fused_pre(self, x):
+        # the maps and H_pre . x in one kernel that reads the stream once (sinkhorn_kernel.hc_pre)
+        layer_in, _, H_post, H_res, _, _ = triton_kernels.hc_pre(x, self.W, self.s, self.b)
+        return layer_in, H_post, self.mixing(H_res)
 
 
 class ManifoldHyperConnection(Connection):

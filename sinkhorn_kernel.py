@@ -5,6 +5,9 @@ each one as a single opaque op (no graph break, no tracing of the Sinkhorn loop)
     sinkhorn(logits, iters=20)                 the projection of mhc.sinkhorn, forward and backward
     stream_pre(x, H_pre)                       layer_in = H_pre . x                 (Eq. 1, read)
     stream_post(x, y, H_res, H_post)           x_next = H_res . x + H_post^T y      (Eq. 1, write)
+    mhc_pre(x, phi, alpha, b, iters)           an mHC sublayer's maps (Eqs. 2-4) and H_pre . x, in one pass
+    mhc_post_pre(x, y, H_res, H_post, ...)     sublayer k's write fused with sublayer k+1's mhc_pre
+    hc_pre(x, W, s, b)                         an HC sublayer's maps and H_pre . x, in one pass
 
 mhc.py is the reference these are tested against (test_mhc.py, float64 oracle; on a CPU the
 kernels run in Triton's interpreter, TRITON_INTERPRET=1).
@@ -22,7 +25,6 @@ back through them. A half-step y = x - logsumexp(x) has the vector-Jacobian prod
 g_x = g_y - exp(y) * sum(g_y) along the normalized axis, so each step needs only its own output.
 """
 import os
-from typing import Optional
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, kept (and its warning silenced)
 
@@ -537,7 +539,7 @@ def _post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, a
         mc = (m[:, None] < M) & (c[None, :] < C)
         x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
         y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
-        for i in tl.static_range(n):
+        for i in range(n):
             h_row = _coef(hres0_ptr, m, M, n, NP, n * n, 1, i * n)                 # H_res[i, :]
             h_post = tl.load(hpost0_ptr + m * n + i, mask=m < M, other=0.0)
             v = tl.sum(h_row[:, :, None] * x, axis=1) + h_post[:, None] * y        # x_next, stream i
@@ -555,11 +557,13 @@ def _post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, a
 
 
 @triton.jit
-def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr,
-                        ghres_ptr, gacc_ptr, dx_ptr, dacc_ptr, dz_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
-                        K: tl.constexpr, NR: tl.constexpr, ITERS: tl.constexpr, TP: tl.constexpr,
-                        HAS_ACC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
-    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+def _pre_bwd_coefs(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr, dacc_ptr,
+                   dz_ptr, m, M, C, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, NR: tl.constexpr,
+                   ITERS: tl.constexpr, TP: tl.constexpr, BC: tl.constexpr):
+    """The coefficient part of one pre step's backward (x: its input stream), for BM tokens:
+    stores per token dz (gradient of the gate inputs z = alpha h + b) and dacc (of acc = v . phi);
+    returns dacc in phi's padded layout and coef, so that the state's gradient is
+    dv = dacc . phi^T + coef v (+ the read's H_pre^T g_in, added by the caller)."""
     NC = n * C
     q = tl.arange(0, NP)
     mq = (m[:, None] < M) & (q[None, :] < n)
@@ -596,7 +600,18 @@ def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr
     tl.store(dacc_ptr + m[:, None] * K + n + q[None, :], da_post, mask=mq)
     tl.store(dacc_ptr + offs_res, da_res, mask=cell)
     da_pp, da_res = _pad(da_pre, da_post, da_res, NP, NR)  # dacc in phi's padded layout
-    coef = -d_r * r * r * r / NC                                               # dr/dv = -r^3 v / NC
+    return da_pp, da_res, -d_r * r * r * r / NC                                # dr/dv = -r^3 v / NC
+
+
+@triton.jit
+def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr,
+                        ghres_ptr, dx_ptr, dacc_ptr, dz_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                        K: tl.constexpr, NR: tl.constexpr, ITERS: tl.constexpr, TP: tl.constexpr,
+                        BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+    NC = n * C
+    da_pp, da_res, coef = _pre_bwd_coefs(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, gin_ptr, ghpre_ptr, ghpost_ptr,
+                                         ghres_ptr, dacc_ptr, dz_ptr, m, M, C, n, NP, K, NR, ITERS, TP, BC)
     # dv = dacc . phi^T + coef v, plus the read's H_pre^T g_in; one pass over the flattened state
     for k0 in range(0, NC, BK):
         k = k0 + tl.arange(0, BK)
@@ -608,10 +623,57 @@ def _mhc_pre_bwd_kernel(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, hpre_ptr
         stream, chan = k // C, k % C
         g = tl.load(gin_ptr + m[:, None] * C + chan[None, :], mask=mk, other=0.0).to(tl.float32)
         hp = tl.load(hpre_ptr + m[:, None] * n + stream[None, :], mask=mk, other=0.0)
-        dx = dv + hp * g
-        if HAS_ACC:  # a gradient x already received elsewhere (the fused path's next write), added here
-            dx += tl.load(gacc_ptr + m[:, None] * NC + k[None, :], mask=mk, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + m[:, None] * NC + k[None, :], dx, mask=mk)
+        tl.store(dx_ptr + m[:, None] * NC + k[None, :], dv + hp * g, mask=mk)
+
+
+@triton.jit
+def _post_pre_bwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr,
+                         hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr, gnext_ptr, dx_ptr, dy_ptr, dhres0_ptr,
+                         dhpost0_ptr, dacc_ptr, dz_ptr, M, C, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
+                         NR: tl.constexpr, ITERS: tl.constexpr, TP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """The backward of _post_pre_fwd_kernel in one kernel: the pre step of sublayer k+1 (input
+    x_next), then the write of sublayer k (x_next = H_res x + H_post^T y). The gradient of x_next
+    (g_next from later sublayers, plus the pre step's) is made and used a channel tile at a time,
+    all n streams together, and never goes to memory."""
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+    NC = n * C
+    da_pp, da_res, coef = _pre_bwd_coefs(xn_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, gin_ptr, ghpre_ptr,
+                                         ghpost_ptr, ghres_ptr, dacc_ptr, dz_ptr, m, M, C, n, NP, K, NR, ITERS, TP, BC)
+    k = tl.arange(0, NP)
+    mk = (m[:, None] < M) & (k[None, :] < n)
+    H_pre = tl.load(hpre_ptr + m[:, None] * n + k[None, :], mask=mk, other=0.0)
+    H_post = tl.load(hpost0_ptr + m[:, None] * n + k[None, :], mask=mk, other=0.0)           # sublayer k's
+    dh_res = tl.zeros((BM, NP, NP), dtype=tl.float32)   # [token, i, j]
+    dh_post = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        mc = (m[:, None] < M) & (c[None, :] < C)
+        g_in = tl.load(gin_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+        x, offs, mask = _tile(x_ptr, m, c, M, C, n, NP)                                    # sublayer k's input
+        dx = tl.zeros((BM, NP, BC), dtype=tl.float32)
+        dy = tl.zeros((BM, BC), dtype=tl.float32)
+        for i in range(n):
+            # stream i of x_next's gradient: the pre step's dv (+ H_pre^T g_in) + g_next
+            v = tl.load(xn_ptr + m[:, None] * NC + i * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+            p_pp, p_res = _phi_blocks(phi_ptr, i * C + c, NC, n, NP, K, NR)
+            h_pre_i = tl.sum(tl.where(k[None, :] == i, H_pre, 0.0), axis=1)
+            g = (tl.dot(da_pp, tl.trans(p_pp), input_precision=DOT_PRECISION)
+                 + tl.dot(da_res, tl.trans(p_res), input_precision=DOT_PRECISION)
+                 + coef[:, None] * v + h_pre_i[:, None] * g_in
+                 + tl.load(gnext_ptr + m[:, None] * NC + i * C + c[None, :], mask=mc, other=0.0).to(tl.float32))
+            # the write's backward with it: dx_j += H_res[i, j] g_i, dy += H_post[i] g_i,
+            # dH_res[i, :] += x . g_i, dH_post[i] += y . g_i
+            h_row = _coef(hres0_ptr, m, M, n, NP, n * n, 1, i * n)                           # H_res[i, :]
+            dx += h_row[:, :, None] * g[:, None, :]
+            dy += tl.sum(tl.where(k[None, :] == i, H_post, 0.0), axis=1)[:, None] * g
+            dh_res += tl.where(k[None, :, None] == i, tl.sum(x * g[:, None, :], axis=2)[:, None, :], 0.0)
+            dh_post += tl.where(k[None, :] == i, tl.sum(g * y, axis=1)[:, None], 0.0)
+        tl.store(dx_ptr + offs, dx, mask=mask)
+        tl.store(dy_ptr + m[:, None] * C + c[None, :], dy, mask=mc)
+    tl.store(dhpost0_ptr + m[:, None] * n + k[None, :], dh_post, mask=mk)
+    offs_r = m[:, None, None] * (n * n) + k[None, :, None] * n + k[None, None, :]
+    tl.store(dhres0_ptr + offs_r, dh_res, mask=mk[:, :, None] & (k[None, None, :] < n))
 
 
 PRE_WARPS = 8  # warps per program of the fused pre step (see _pre_blocks)
@@ -661,14 +723,42 @@ def _mhc_pre_fake(x, phi, alpha, b, iters):
             torch.empty(*lead, n, n, **f32), torch.empty(*lead, 2 * n + n * n, **f32), torch.empty(lead, **f32))
 
 
+def _zeros_if_none(g, x, *shape, dtype=torch.float32):
+    """An output that was not used has no gradient (None): zeros of its shape [*lead, *shape]."""
+    return g if g is not None else torch.zeros(*x.shape[:-2], *shape, dtype=dtype, device=x.device)
+
+
+def _pre_grads(g_in, g_pre, g_post, g_res, x):
+    """The gradients a pre step's backward kernel reads, as contiguous [M, ...] fp32 tensors
+    (g_in: the sublayer input's dtype) with zeros for unused outputs."""
+    n, C = x.shape[-2:]
+    M = x.numel() // (n * C)
+    grads = (_zeros_if_none(g_in, x, C, dtype=_compute_dtype(x)), _zeros_if_none(g_pre, x, n),
+             _zeros_if_none(g_post, x, n), _zeros_if_none(g_res, x, n, n))
+    return [g.reshape(M, *shape).contiguous() for g, shape in zip(grads, ((C,), (n,), (n,), (n, n)))]
+
+
+def _pre_reductions(x, h, dacc, dz, phi, alpha, b):
+    """The reductions over tokens of a pre step's backward: dphi = v^T dacc (a GEMM, v = vec(x)),
+    db = sum dz, dalpha = sum dz * h per map."""
+    n = x.shape[-2]
+    dphi = x.reshape(dacc.shape[0], -1).float().t() @ dacc
+    dzh = dz * h.reshape(dz.shape)
+    dalpha = torch.stack([dzh[:, :n].sum(), dzh[:, n:2 * n].sum(), dzh[:, 2 * n:].sum()])
+    return dphi.to(phi.dtype), dalpha.to(alpha.dtype), dz.sum(0).to(b.dtype)
+
+
+def _params(phi, alpha, b):
+    return phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous()
+
+
 @torch.library.custom_op("mhc::mhc_pre_bwd", mutates_args=())
 def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g_res: torch.Tensor,
                 x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
-                r: torch.Tensor, H_pre: torch.Tensor, iters: int, g_acc: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dacc, dz): the state's gradient (plus g_acc, a gradient it already has, if given), and
-    per token the gradients of acc = v . phi and of the gate inputs z = alpha h + b (reduced over
-    tokens by the caller: dphi, dalpha, db)."""
+                r: torch.Tensor, H_pre: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dacc, dz): the state's gradient, and per token the gradients of acc = v . phi and of
+    the gate inputs z = alpha h + b (reduced over tokens by _pre_reductions). The g_* are as
+    _pre_grads makes them."""
     n, C = x.shape[-2:]
     K = 2 * n + n * n
     xf = _flat(x, n)
@@ -677,18 +767,16 @@ def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g
     dx = torch.empty_like(xf)
     dacc, dz = torch.empty(M, K, **f32), torch.empty(M, K, **f32)
     NP, NR, BM, BK, BC = _pre_blocks(n, C)
-    flat = lambda t, *shape: t.reshape(M, *shape).float().contiguous()
     if M > 0:
         _mhc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
-            xf, phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous(), flat(h, K), flat(r),
-            flat(H_pre, n), g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n),
-            _flat(g_acc, n) if g_acc is not None else dx, dx, dacc, dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters,
-            TP=triton.next_power_of_2(iters), HAS_ACC=g_acc is not None, BM=BM, BK=BK, BC=BC, num_warps=PRE_WARPS)
+            xf, *_params(phi, alpha, b), h.reshape(M, K).contiguous(), r.reshape(M).contiguous(),
+            H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res, dx, dacc, dz, M, C, n=n, NP=NP, K=K, NR=NR,
+            ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BK=BK, BC=BC, num_warps=PRE_WARPS)
     return dx.view(x.shape), dacc, dz
 
 
 @mhc_pre_bwd.register_fake
-def _(g_in, g_pre, g_post, g_res, x, phi, alpha, b, h, r, H_pre, iters, g_acc=None):
+def _(g_in, g_pre, g_post, g_res, x, phi, alpha, b, h, r, H_pre, iters):
     M = x.numel() // (x.shape[-1] * x.shape[-2])
     K = phi.shape[-1]
     return torch.empty_like(x), x.new_empty((M, K), dtype=torch.float32), x.new_empty((M, K), dtype=torch.float32)
@@ -702,24 +790,10 @@ def _mhc_pre_setup(ctx, inputs, output):
     ctx.iters = iters
 
 
-def _pre_step_backward(x, phi, alpha, b, h, r, H_pre, iters, g_in, g_pre, g_post, g_res, g_acc=None):
-    """Gradients of one pre step (x is its input stream): (dx + g_acc, dphi, dalpha, db)."""
-    n, C, lead = x.shape[-2], x.shape[-1], x.shape[:-2]
-
-    def grad(g, *shape, dtype=torch.float32):  # an output that was not used has no gradient
-        return g if g is not None else torch.zeros(*lead, *shape, dtype=dtype, device=x.device)
-
-    dx, dacc, dz = mhc_pre_bwd(grad(g_in, C, dtype=_compute_dtype(x)), grad(g_pre, n), grad(g_post, n), grad(g_res, n, n),
-                               x, phi, alpha, b, h, r, H_pre, iters, g_acc)
-    # the reductions over tokens: dphi = v^T dacc (a GEMM), db = sum dz, dalpha = sum dz * h per map
-    dphi = x.reshape(dacc.shape[0], -1).float().t() @ dacc
-    dzh = dz * h.reshape(dz.shape)
-    dalpha = torch.stack([dzh[:, :n].sum(), dzh[:, n:2 * n].sum(), dzh[:, 2 * n:].sum()])
-    return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dz.sum(0).to(b.dtype)
-
-
 def _mhc_pre_backward(ctx, g_in, g_pre, g_post, g_res, g_h, g_r):
-    return *_pre_step_backward(*ctx.saved_tensors, ctx.iters, g_in, g_pre, g_post, g_res), None
+    x, phi, alpha, b, h, r, H_pre = ctx.saved_tensors
+    dx, dacc, dz = mhc_pre_bwd(*_pre_grads(g_in, g_pre, g_post, g_res, x), x, phi, alpha, b, h, r, H_pre, ctx.iters)
+    return dx, *_pre_reductions(x, h, dacc, dz, phi, alpha, b), None
 
 
 torch.library.register_autograd("mhc::mhc_pre", _mhc_pre_backward, setup_context=_mhc_pre_setup)
@@ -766,14 +840,250 @@ def _post_pre_setup(ctx, inputs, output):
     ctx.iters = iters
 
 
+@torch.library.custom_op("mhc::mhc_post_pre_bwd", mutates_args=())
+def mhc_post_pre_bwd(g_next: torch.Tensor, g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor,
+                     g_res: torch.Tensor, x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torch.Tensor,
+                     x_next: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
+                     r: torch.Tensor, H_pre: torch.Tensor, iters: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dH_res, dH_post) of the write and (dacc, dz) of the pre step (see mhc_pre_bwd), in
+    one kernel; g_next is the gradient x_next received from later sublayers."""
+    n, C = x.shape[-2:]
+    K = 2 * n + n * n
+    xf, yf, xn = _flat(x, n), y.reshape(-1, C).contiguous(), _flat(x_next, n)
+    M = xf.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx, dy = torch.empty_like(xf), torch.empty_like(yf)
+    dres, dpost = torch.empty(M, n, n, **f32), torch.empty(M, n, **f32)
+    dacc, dz = torch.empty(M, K, **f32), torch.empty(M, K, **f32)
+    NP, NR, BM, _, BC = _pre_blocks(n, C)
+    if M > 0:
+        _post_pre_bwd_kernel[(triton.cdiv(M, BM),)](
+            xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), xn,
+            *_params(phi, alpha, b), h.reshape(M, K).contiguous(), r.reshape(M).contiguous(),
+            H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res, _flat(g_next, n), dx, dy, dres, dpost, dacc,
+            dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM,
+            BC=max(16, BC // 2), num_warps=PRE_WARPS)
+    return (dx.view(x.shape), dy.view(y.shape), dres.view(H_res.shape).to(H_res.dtype),
+            dpost.view(H_post.shape).to(H_post.dtype), dacc, dz)
+
+
+@mhc_post_pre_bwd.register_fake
+def _(g_next, g_in, g_pre, g_post, g_res, x, y, H_res, H_post, x_next, phi, alpha, b, h, r, H_pre, iters):
+    M = x.numel() // (x.shape[-1] * x.shape[-2])
+    K = phi.shape[-1]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(H_res), torch.empty_like(H_post),
+            torch.empty(M, K, **f32), torch.empty(M, K, **f32))
+
+
 def _post_pre_backward(ctx, g_next, g_in, g_pre, g_post, g_res, g_h, g_r):
     x, y, H_res, H_post, x_next, phi, alpha, b, h, r, H_pre = ctx.saved_tensors
-    # backward of the pre step of sublayer k+1 (its input is x_next), then of the write of k
-    # (x_next's gradient from later sublayers, g_next, is added inside the pre step's kernel)
-    g_total, dphi, dalpha, db = _pre_step_backward(x_next, phi, alpha, b, h, r, H_pre, ctx.iters, g_in, g_pre, g_post,
-                                                   g_res, g_next)
-    dx, dy, dres, dpost = stream_post_bwd(g_total, x, y, H_res, H_post)
-    return dx, dy, dres, dpost, dphi, dalpha, db, None
+    # the pre step of sublayer k+1 (its input is x_next), then the write of sublayer k, in one kernel
+    g_next = torch.zeros_like(x_next) if g_next is None else g_next
+    dx, dy, dres, dpost, dacc, dz = mhc_post_pre_bwd(
+        g_next, *_pre_grads(g_in, g_pre, g_post, g_res, x_next), x, y, H_res, H_post, x_next, phi, alpha, b, h, r,
+        H_pre, ctx.iters)
+    return dx, dy, dres, dpost, *_pre_reductions(x_next, h, dacc, dz, phi, alpha, b), None
 
 
 torch.library.register_autograd("mhc::mhc_post_pre", _post_pre_backward, setup_context=_post_pre_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused HC "pre" step (mhc.HyperConnection.maps and the read of Eq. 1) in one kernel per
+# direction. HC's coefficients come per stream: each stream's C-vector, RMS-normalized, is
+# projected by W [C, n + 2] to [pre, post, res column], squashed by tanh, scaled by s and added to
+# the static part b. So the projection is one GEMM over the M*n stream rows: a [BM*NP, BC] tile of
+# x against a [BC, QP] tile of W (QP: the n + 2 columns padded to 16 for tl.dot).
+
+@triton.jit
+def _hc_w(W_ptr, c, C, Q: tl.constexpr, QP: tl.constexpr):
+    """Rows c of W [C, Q] as a [BC, QP] tile (padding = 0)."""
+    q = tl.arange(0, QP)
+    return tl.load(W_ptr + c[:, None] * Q + q[None, :], mask=(c[:, None] < C) & (q[None, :] < Q), other=0.0)
+
+
+@triton.jit
+def _hc_res_select(NP: tl.constexpr, QP: tl.constexpr):
+    """[NP, QP] selector S[i, 2 + i] = 1: column 2 + i of a stream's coefficients is H_res[i, stream]."""
+    i = tl.arange(0, NP)[:, None]
+    q = tl.arange(0, QP)[None, :]
+    return tl.where(q == i + 2, 1.0, 0.0)
+
+
+@triton.jit
+def _hc_pre_fwd_kernel(x_ptr, W_ptr, s_ptr, b_ptr, out_ptr, hpre_ptr, hpost_ptr, hres_ptr, u_ptr, r_ptr, M, C,
+                       n: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, QP: tl.constexpr, BM: tl.constexpr,
+                       BC: tl.constexpr):
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+    j = tl.arange(0, NP)
+    q = tl.arange(0, QP)
+    # per stream: x_j . W and sum(x_j^2), one pass over x
+    acc = tl.zeros((BM * NP, QP), dtype=tl.float32)
+    ss = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+        acc = tl.dot(tl.reshape(x, (BM * NP, BC)), _hc_w(W_ptr, c, C, Q, QP), acc, input_precision=DOT_PRECISION)
+        ss += tl.sum(x * x, axis=2)
+    r = 1.0 / tl.sqrt(ss / C + 1e-6)                                  # 1 / rms(x_j), eps inside the root
+    u = tl.reshape(acc, (BM, NP, QP)) * r[:, :, None]                 # rmsnorm(x_j) . W
+    d = 2.0 * tl.sigmoid(2.0 * u) - 1.0                               # tanh(u)
+    mj = (m[:, None] < M) & (j[None, :] < n)
+    mjq = mj[:, :, None] & (q[None, None, :] < Q)
+    tl.store(u_ptr + m[:, None, None] * (n * Q) + j[None, :, None] * Q + q[None, None, :], u, mask=mjq)
+    tl.store(r_ptr + m[:, None] * n + j[None, :], r, mask=mj)
+    # the maps: static part + s * tanh(dynamic part)
+    s_pre, s_post, s_res = tl.load(s_ptr), tl.load(s_ptr + 1), tl.load(s_ptr + 2)
+    b_pre = tl.load(b_ptr + j, mask=j < n, other=0.0)
+    b_post = tl.load(b_ptr + n + j, mask=j < n, other=0.0)
+    H_pre = b_pre[None, :] + s_pre * tl.sum(tl.where(q[None, None, :] == 0, d, 0.0), axis=2)
+    H_post = b_post[None, :] + s_post * tl.sum(tl.where(q[None, None, :] == 1, d, 0.0), axis=2)
+    d_res = tl.sum(d[:, :, None, :] * _hc_res_select(NP, QP)[None, None, :, :], axis=3)  # [token, j, i]
+    offs_res = m[:, None, None] * (n * n) + j[None, None, :] * n + j[None, :, None]      # H_res[i, j] at [., j, i]
+    cell = mj[:, :, None] & (j[None, None, :] < n)
+    b_res = tl.load(b_ptr + 2 * n + j[None, None, :] * n + j[None, :, None], mask=cell, other=0.0)
+    tl.store(hpre_ptr + m[:, None] * n + j[None, :], H_pre, mask=mj)
+    tl.store(hpost_ptr + m[:, None] * n + j[None, :], H_post, mask=mj)
+    tl.store(hres_ptr + offs_res, b_res + s_res * d_res, mask=cell)
+    _pre_read(x_ptr, out_ptr, H_pre, m, M, C, n, NP, BC)
+
+
+@triton.jit
+def _hc_pre_bwd_kernel(x_ptr, W_ptr, s_ptr, u_ptr, r_ptr, hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr,
+                       dx_ptr, dhpre_ptr, dacc_ptr, M, C, n: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr,
+                       QP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+    j = tl.arange(0, NP)
+    q = tl.arange(0, QP)
+    mj = (m[:, None] < M) & (j[None, :] < n)
+    mjq = mj[:, :, None] & (q[None, None, :] < Q)
+    # dH_pre = x . g_in (+ any gradient H_pre itself received): a pass over x and g_in
+    dH_pre = tl.load(ghpre_ptr + m[:, None] * n + j[None, :], mask=mj, other=0.0)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+        g = tl.load(gin_ptr + m[:, None] * C + c[None, :], mask=(m[:, None] < M) & (c[None, :] < C), other=0.0).to(tl.float32)
+        dH_pre += tl.sum(x * g[:, None, :], axis=2)
+    tl.store(dhpre_ptr + m[:, None] * n + j[None, :], dH_pre, mask=mj)
+    # gradient of d = tanh(u) per stream: [s_pre dH_pre, s_post dH_post, s_res dH_res[:, j]]
+    s_pre, s_post, s_res = tl.load(s_ptr), tl.load(s_ptr + 1), tl.load(s_ptr + 2)
+    g_post = tl.load(ghpost_ptr + m[:, None] * n + j[None, :], mask=mj, other=0.0)
+    cell = mj[:, :, None] & (j[None, None, :] < n)
+    g_res = tl.load(ghres_ptr + m[:, None, None] * (n * n) + j[None, None, :] * n + j[None, :, None], mask=cell,
+                    other=0.0)                                                           # [token, j, i]
+    dd = (tl.where(q[None, None, :] == 0, s_pre * dH_pre[:, :, None], 0.0)
+          + tl.where(q[None, None, :] == 1, s_post * g_post[:, :, None], 0.0)
+          + s_res * tl.sum(g_res[:, :, :, None] * _hc_res_select(NP, QP)[None, None, :, :], axis=2))
+    u = tl.load(u_ptr + m[:, None, None] * (n * Q) + j[None, :, None] * Q + q[None, None, :], mask=mjq, other=0.0)
+    r = tl.load(r_ptr + m[:, None] * n + j[None, :], mask=mj, other=1.0)
+    d = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    du = dd * (1.0 - d * d)                                   # tanh'
+    dacc = du * r[:, :, None]                                 # u = acc * r, acc = x_j . W
+    tl.store(dacc_ptr + m[:, None, None] * (n * Q) + j[None, :, None] * Q + q[None, None, :], dacc, mask=mjq)
+    coef = -tl.sum(du * u, axis=2) * r * r / C                # dLoss/dr * dr/dx = -r^3 x / C, with acc = u / r
+    h_pre = tl.load(hpre_ptr + m[:, None] * n + j[None, :], mask=mj, other=0.0)
+    dacc2 = tl.reshape(dacc, (BM * NP, QP))
+    # dx_j = dacc_j . W^T + coef_j x_j + H_pre[j] g_in: a second pass
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x, offs, mask = _tile(x_ptr, m, c, M, C, n, NP)
+        g = tl.load(gin_ptr + m[:, None] * C + c[None, :], mask=(m[:, None] < M) & (c[None, :] < C), other=0.0).to(tl.float32)
+        proj = tl.dot(dacc2, tl.trans(_hc_w(W_ptr, c, C, Q, QP)), input_precision=DOT_PRECISION)
+        dx = tl.reshape(proj, (BM, NP, BC)) + coef[:, :, None] * x + h_pre[:, :, None] * g[:, None, :]
+        tl.store(dx_ptr + offs, dx, mask=mask)
+
+
+def _hc_blocks(n, C):
+    """Tiles of the fused HC pre step: BM tokens x NP streams = 64 GEMM rows, BC channels, QP
+    coefficient columns (n + 2, padded to at least 16 for tl.dot)."""
+    NP = triton.next_power_of_2(n)
+    return NP, triton.next_power_of_2(max(16, n + 2)), max(1, 64 // NP), min(64, max(16, triton.next_power_of_2(C)))
+
+
+@torch.library.custom_op("mhc::hc_pre", mutates_args=())
+def hc_pre(x: torch.Tensor, W: torch.Tensor, s: torch.Tensor, b: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layer_in, H_pre, H_post, H_res, u, r) of one HC sublayer (mhc.HyperConnection.maps, then
+    H_pre . x); u (the pre-tanh coefficients) and r (1 / rms per stream) are for the backward."""
+    n, C = x.shape[-2:]
+    Q = n + 2
+    xf = _flat(x, n)
+    M = xf.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    out = torch.empty(M, C, dtype=_compute_dtype(x), device=x.device)
+    H_pre, H_post, H_res = torch.empty(M, n, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32)
+    u, r = torch.empty(M, n, Q, **f32), torch.empty(M, n, **f32)
+    NP, QP, BM, BC = _hc_blocks(n, C)
+    if M > 0:
+        _hc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, W.float().contiguous(), s.float().contiguous(),
+                                                  b.float().contiguous(), out, H_pre, H_post, H_res, u, r, M, C,
+                                                  n=n, NP=NP, Q=Q, QP=QP, BM=BM, BC=BC, num_warps=PRE_WARPS)
+    lead = x.shape[:-2]
+    return (out.view(*lead, C), H_pre.view(*lead, n), H_post.view(*lead, n), H_res.view(*lead, n, n),
+            u.view(*lead, n, Q), r.view(*lead, n))
+
+
+@hc_pre.register_fake
+def _(x, W, s, b):
+    n, C = x.shape[-2:]
+    lead = x.shape[:-2]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (x.new_empty((*lead, C), dtype=_compute_dtype(x)), torch.empty(*lead, n, **f32), torch.empty(*lead, n, **f32),
+            torch.empty(*lead, n, n, **f32), torch.empty(*lead, n, n + 2, **f32), torch.empty(*lead, n, **f32))
+
+
+@torch.library.custom_op("mhc::hc_pre_bwd", mutates_args=())
+def hc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g_res: torch.Tensor, x: torch.Tensor,
+               W: torch.Tensor, s: torch.Tensor, u: torch.Tensor, r: torch.Tensor, H_pre: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dH_pre, dacc): the stream's gradient, and per token the full gradient of H_pre and of
+    the per-stream projections acc = x_j . W (reduced over tokens by the caller: dW, ds, db)."""
+    n, C = x.shape[-2:]
+    Q = n + 2
+    xf = _flat(x, n)
+    M = xf.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx, dH_pre, dacc = torch.empty_like(xf), torch.empty(M, n, **f32), torch.empty(M, n, Q, **f32)
+    NP, QP, BM, BC = _hc_blocks(n, C)
+    flat = lambda t, *shape: t.reshape(M, *shape).float().contiguous()
+    if M > 0:
+        _hc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
+            xf, W.float().contiguous(), s.float().contiguous(), flat(u, n, Q), flat(r, n), flat(H_pre, n),
+            g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n), dx, dH_pre, dacc,
+            M, C, n=n, NP=NP, Q=Q, QP=QP, BM=BM, BC=BC, num_warps=PRE_WARPS)
+    return dx.view(x.shape), dH_pre, dacc
+
+
+@hc_pre_bwd.register_fake
+def _(g_in, g_pre, g_post, g_res, x, W, s, u, r, H_pre):
+    n = x.shape[-2]
+    M = x.numel() // (x.shape[-1] * n)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return torch.empty_like(x), torch.empty(M, n, **f32), torch.empty(M, n, n + 2, **f32)
+
+
+def _hc_pre_setup(ctx, inputs, output):
+    x, W, s, b = inputs
+    _, H_pre, _, _, u, r = output
+    ctx.mark_non_differentiable(u, r)  # internal: saved for the backward only
+    ctx.save_for_backward(x, W, s, u, r, H_pre)
+
+
+def _hc_pre_backward(ctx, g_in, g_pre, g_post, g_res, g_u, g_r):
+    x, W, s, u, r, H_pre = ctx.saved_tensors
+    n, C = x.shape[-2:]
+    g_in, g_pre, g_post, g_res = _pre_grads(g_in, g_pre, g_post, g_res, x)
+    dx, dH_pre, dacc = hc_pre_bwd(g_in, g_pre, g_post, g_res, x, W, s, u, r, H_pre)
+    # the reductions over tokens: dW = x^T dacc over every stream row (a GEMM), db = the maps'
+    # gradients summed, ds = those gradients against tanh(u)
+    dW = x.reshape(-1, C).float().t() @ dacc.reshape(-1, n + 2)
+    d = torch.tanh(u.reshape(-1, n, n + 2))
+    ds = torch.stack([(dH_pre * d[..., 0]).sum(), (g_post * d[..., 1]).sum(),
+                      (g_res.transpose(-1, -2) * d[..., 2:]).sum()])
+    db = torch.cat([dH_pre.sum(0), g_post.sum(0), g_res.sum(0).flatten()])
+    return dx, dW.to(W.dtype), ds.to(s.dtype), db
+
+
+torch.library.register_autograd("mhc::hc_pre", _hc_pre_backward, setup_context=_hc_pre_setup)

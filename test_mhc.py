@@ -456,33 +456,104 @@ def test_kernel_fused_mhc_pre_step(n, C, M):
 
 
 @needs_triton
+@pytest.mark.parametrize("n,C,M", [(1, 9, 3), (2, 40, 4), (3, 10, 17), (4, 36, 9), (8, 6, 3)])
+def test_kernel_fused_post_and_next_pre_step(n, C, M):
+    # mhc_post_pre (sublayer k's write, then sublayer k+1's pre step on the new stream) against
+    # mhc.py in float64, every output and every gradient, x_next's own gradient included
+    torch.manual_seed(n)
+    conn = mhc.ManifoldHyperConnection(n, C, layer_id=1, sinkhorn_iters=7).double()
+    with torch.no_grad():
+        conn.alpha.copy_(torch.tensor([0.5, -0.7, 1.3]))
+        conn.b.normal_()
+        conn.phi.mul_(3)
+    inputs = [torch.randn(M, n, C), torch.randn(M, C), mhc.sinkhorn(torch.randn(M, n, n), 20), 2 * torch.rand(M, n)]
+    refs = [t.double().requires_grad_() for t in inputs]
+    x_next = mhc.stream_post(*refs)
+    H_pre, H_post, H_res = conn.maps(x_next)
+    ref = (x_next, mhc.stream_pre(x_next, H_pre), H_pre, H_post, H_res)
+    weights = [torch.randn_like(t) for t in ref]
+    params = [*refs, conn.phi, conn.alpha, conn.b]
+    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), params)
+    ours = [t.detach().float().to(DEVICE).requires_grad_() for t in params]
+    out = triton_kernels.mhc_post_pre(*ours, 7)
+    grads = torch.autograd.grad(sum((t.double() * w.to(DEVICE)).sum() for t, w in zip(out[:5], weights)), ours)
+    for got, want in zip(out[:5], ref):
+        assert max_rel_err(got.cpu(), want) < 1e-5
+    for got, want, name in zip(grads, ref_grads, ["x", "y", "H_res", "H_post", "phi", "alpha", "b"]):
+        assert max_rel_err(got.cpu(), want) < 1e-5, name
+
+
+@needs_triton
+@pytest.mark.parametrize("n,C,M", [(1, 9, 3), (2, 40, 4), (3, 70, 17), (4, 16, 9), (8, 6, 3)])
+def test_kernel_fused_hc_pre_step(n, C, M):
+    # HC's maps and H_pre . x (sinkhorn_kernel.hc_pre) against mhc.py in float64, every gradient;
+    # C = 70 spans two channel chunks and M = 17 is not a multiple of the token block
+    torch.manual_seed(n)
+    conn = mhc.HyperConnection(n, C, layer_id=1).double()
+    with torch.no_grad():  # away from the init (W = 0) so that every term matters
+        conn.W.normal_()
+        conn.s.copy_(torch.tensor([0.5, -0.7, 1.3]))
+        conn.b.normal_()
+    x = torch.randn(M, n, C, dtype=torch.float64, requires_grad=True)
+    H_pre, H_post, H_res = conn.maps(x)
+    ref = (mhc.stream_pre(x, H_pre), H_pre, H_post, H_res)
+    weights = [torch.randn_like(t) for t in ref]
+    params = [x, conn.W, conn.s, conn.b]
+    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), params)
+    ours = [t.detach().float().to(DEVICE).requires_grad_() for t in params]
+    out = triton_kernels.hc_pre(*ours)
+    grads = torch.autograd.grad(sum((t.double() * w.to(DEVICE)).sum() for t, w in zip(out[:4], weights)), ours)
+    for got, want in zip(out[:4], ref):
+        assert max_rel_err(got.cpu(), want) < 1e-5
+    for got, want, name in zip(grads, ref_grads, ["x", "W", "s", "b"]):
+        assert max_rel_err(got.cpu(), want) < 1e-5, name
+
+
+@needs_triton
 @pytest.mark.parametrize("residual,options", [("hc", {}), ("mhc", {}), ("mhc_lite", {}),
                                               ("mhc", dict(dynamic=False)), ("mhc", dict(res_mixing=False)),
                                               ("hc", dict(stream_dtype="bfloat16")), ("mhc", dict(stream_dtype="bfloat16")),
                                               ("mhc", dict(fuse=False)), ("mhc", dict(fuse=False, stream_dtype="bfloat16"))])
 def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
     cfg = dict(TINY, n_layer=2, block_size=16, n_streams=3 if residual == "hc" else 4, **options)
+    bf16 = options.get("stream_dtype") == "bfloat16"
     torch.manual_seed(0)
     ref = GPT(GPTConfig(residual=residual, kernel="torch", **cfg)).to(DEVICE)
-    tri = GPT(GPTConfig(residual=residual, kernel="triton", **cfg)).to(DEVICE)
-    tri.load_state_dict(ref.state_dict())
     with torch.no_grad():  # move off the init so every coefficient path matters
-        for m in (ref, tri):
-            torch.manual_seed(1)
-            for conn in m.connections():
-                for p in conn.parameters():
-                    p.add_(0.2 * torch.randn_like(p))
+        torch.manual_seed(1)
+        for conn in ref.connections():
+            for p in conn.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+    models = {"torch": ref, "triton": GPT(GPTConfig(residual=residual, kernel="triton", **cfg)).to(DEVICE)}
+    if bf16:  # the same model with an fp32 stream: what both bf16 paths approximate
+        models["fp32"] = GPT(GPTConfig(residual=residual, kernel="torch", **dict(cfg, stream_dtype="float32"))).to(DEVICE)
     idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
-    _, loss_ref = ref(idx, idx)
-    _, loss_tri = tri(idx, idx)
-    loss_ref.backward()
-    loss_tri.backward()
-    # with a bf16 stream both paths round the stream and its gradient (8-bit mantissa), at
-    # different points: the same function, looser agreement
-    bf16 = options.get("stream_dtype") == "bfloat16"
-    assert loss_tri.item() == pytest.approx(loss_ref.item(), rel=1e-3 if bf16 else 1e-5)
-    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
-        assert max_rel_err(q.grad, p.grad.double()) < (0.1 if bf16 else 1e-3), name
+    losses, grads = {}, {}
+    for name, m in models.items():
+        m.load_state_dict(ref.state_dict())
+        _, loss = m(idx, idx)
+        loss.backward()
+        losses[name], grads[name] = loss.item(), {k: p.grad for k, p in m.named_parameters()}
+    if not bf16:
+        assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
+        for name, g in grads["torch"].items():
+            assert max_rel_err(grads["triton"][name], g.double()) < 1e-3, name
+        return
+    # a bf16 stream rounds the stream and its gradient (8-bit mantissa), and the two paths round
+    # at different points; a few coefficient gradients (the gates alpha, HC's scales s) are sums
+    # that nearly cancel, where that rounding alone moves them by up to 20% on some batches, in
+    # either path. So: every gradient is near the fp32 model's, and on average the Triton path is
+    # as close to it as the PyTorch path is. Triton's CPU interpreter truncates fp32 -> bf16 where
+    # a GPU rounds to nearest, which alone makes the Triton path about 3x further off here (with
+    # round-to-nearest put into the interpreter, the mean errors were equal): a looser bound there.
+    assert losses["triton"] == pytest.approx(losses["fp32"], rel=1e-3)
+    assert losses["torch"] == pytest.approx(losses["fp32"], rel=1e-3)
+    errs = {k: {name: max_rel_err(grads[k][name], g.double()) for name, g in grads["fp32"].items()}
+            for k in ("torch", "triton")}
+    assert max(errs["triton"].values()) < 0.4, errs["triton"]
+    mean = {k: sum(e.values()) / len(e) for k, e in errs.items()}
+    slack = 4 if os.environ.get("TRITON_INTERPRET") == "1" else 2
+    assert mean["triton"] < slack * mean["torch"] + 0.005, mean
 
 
 @needs_triton
@@ -503,11 +574,11 @@ def test_fused_cross_sublayer_path_equals_the_unfused_one():
 
 
 @needs_triton
-@pytest.mark.parametrize("fuse", [True, False])
-def test_whole_triton_model_compiles_without_graph_breaks(fuse):
-    # dynamo + AOTAutograd capture the whole mHC model, every custom op opaque (fullgraph=True)
+@pytest.mark.parametrize("residual,fuse", [("mhc", True), ("mhc", False), ("hc", False)])
+def test_whole_triton_model_compiles_without_graph_breaks(residual, fuse):
+    # dynamo + AOTAutograd capture the whole HC / mHC model, every custom op opaque (fullgraph=True)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**dict(TINY, n_layer=2, block_size=16), residual="mhc", kernel="triton", fuse=fuse)).to(DEVICE)
+    model = GPT(GPTConfig(**dict(TINY, n_layer=2, block_size=16), residual=residual, kernel="triton", fuse=fuse)).to(DEVICE)
     idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
     _, ref = model(idx, idx)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
@@ -548,6 +619,8 @@ def test_kernels_are_opaque_to_torch_compile():
     x = torch.randn(5, 4, 8, device=DEVICE, requires_grad=True)
     h = torch.rand(5, 4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.mhc.stream_pre.default, (x, h))
+    hc_args = [torch.randn(8, 6), torch.tensor([0.5, -0.7, 1.3]), torch.randn(4 + 4 + 16)]
+    torch.library.opcheck(torch.ops.mhc.hc_pre.default, (x, *[t.to(DEVICE).requires_grad_() for t in hc_args]))
 
     def f(logits, x, y):
         H = triton_kernels.sinkhorn(logits, 5)
@@ -806,14 +879,18 @@ def test_bench_runs(tmp_path):
     env = {"CUDA_VISIBLE_DEVICES": ""}
     assert "No CUDA GPU found" in run("bench.py", **env).stdout
     out = run("bench.py", "--device=cpu", "--only=kernels", TRITON_INTERPRET="1", **env).stdout
-    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "stream_pre", "stream_post", "mhc pre step"):
+    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "stream_pre", "stream_post", "mhc pre step", "mhc post+pre step",
+               "hc pre step"):
         assert f"{op}" in out and "GB/s" in out
     if triton_kernels is not None:
-        assert out.count(", triton") == 10
-        # the interpreter accepts code the compiler may not: build every kernel for an H100
+        assert out.count(", triton") == 14
+        # the interpreter accepts code the compiler may not: build every kernel for an H100;
+        # none may spill registers to memory but the fused post+pre backward at n = 8 (24 bytes
+        # per thread; BENCHMARKS.md)
         ptxas = run("bench.py", "--only=ptxas", TRITON_INTERPRET="0").stdout
         rows = [line.split() for line in ptxas.splitlines() if " n=" in line]
-        assert len(rows) == 18 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
+        assert len(rows) == 24 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
+        assert [" ".join(r[:-2]) for r in rows if r[-1] != "0"] == ["post+pre bwd n=8 C=768"]
 
 
 def test_readme_usage_snippet_runs():
