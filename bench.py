@@ -133,17 +133,6 @@ def bench_kernels(c, device):
     ops.append(("mhc pre step", lambda f: (lambda: f.mhc_pre_step(x, *params)), xb + M * C * 4 + cb,
                 lambda f: fwd_bwd(f.mhc_pre_step, [x, *params], grads), 2 * xb + M * C * 4 + cb))
 
-    # sublayer k's write fused with sublayer k+1's pre step (the fused mHC path of model.py)
-    def torch_post_pre(x, y, h_res, h_post, *params):
-        x_next = mhc.stream_post(x, y, h_res, h_post)
-        return (x_next, *torch_pre(x_next, *params))
-
-    pp_inputs = [x, y, h_res, h_post, *params]
-    pp_grads = [torch.ones(M, n, C, device=device)] + grads
-    ops.append(("mhc post+pre step", lambda f: (lambda: f.mhc_post_pre_step(*pp_inputs)),
-                3 * xb + yb + M * C * 4 + 2 * cb, lambda f: fwd_bwd(f.mhc_post_pre_step, pp_inputs, pp_grads),
-                4 * xb + 2 * yb + M * C * 4 + 2 * cb))
-
     # the same for HC: its per-stream maps and H_pre . x
     hc = mhc.HyperConnection(n, C, layer_id=0).to(device)
     hc_params = [hc.W, hc.s, hc.b]
@@ -156,16 +145,34 @@ def bench_kernels(c, device):
     ops.append(("hc pre step", lambda f: (lambda: f.hc_pre_step(x, *hc_params)), xb + M * C * 4 + hc_bytes,
                 lambda f: fwd_bwd(f.hc_pre_step, [x, *hc_params], grads), 2 * xb + M * C * 4 + hc_bytes))
 
+    # sublayer k's write fused with sublayer k+1's pre step (the fused path of model.py); bytes:
+    # the write's, the new stream written once, and the pre step's without its read of the stream
+    def torch_mhc_post_pre(x, y, h_res, h_post, *params):
+        x_next = mhc.stream_post(x, y, h_res, h_post)
+        return (x_next, *torch_pre(x_next, *params))
+
+    def torch_hc_post_pre(x, y, h_res, h_post, *params):
+        x_next = mhc.stream_post(x, y, h_res, h_post)
+        return (x_next, *torch_hc_pre(x_next, *params))
+
+    pp_grads = [torch.ones(M, n, C, device=device)] + grads
+    mpp, hpp = [x, y, h_res, h_post, *params], [x, y, h_res, h_post, *hc_params]
+    ops.append(("mhc post+pre step", lambda f: (lambda: f.mhc_post_pre_step(*mpp)), 2 * xb + yb + M * C * 4 + 2 * cb,
+                lambda f: fwd_bwd(f.mhc_post_pre_step, mpp, pp_grads), 4 * xb + 2 * yb + M * C * 4 + 2 * cb))
+    ops.append(("hc post+pre step", lambda f: (lambda: f.hc_post_pre_step(*hpp)), 2 * xb + yb + M * C * 4 + cb + hc_bytes,
+                lambda f: fwd_bwd(f.hc_post_pre_step, hpp, pp_grads), 4 * xb + 2 * yb + M * C * 4 + cb + hc_bytes))
+
     class Eager:
         stream_pre, stream_post, mhc_pre_step, hc_pre_step = mhc.stream_pre, mhc.stream_post, torch_pre, torch_hc_pre
-        mhc_post_pre_step = torch_post_pre
+        mhc_post_pre_step, hc_post_pre_step = torch_mhc_post_pre, torch_hc_post_pre
 
     class Compiled:
         stream_pre = torch.compile(mhc.stream_pre) if c["compile"] else None
         stream_post = torch.compile(mhc.stream_post) if c["compile"] else None
         mhc_pre_step = torch.compile(torch_pre) if c["compile"] else None
         hc_pre_step = torch.compile(torch_hc_pre) if c["compile"] else None
-        mhc_post_pre_step = torch.compile(torch_post_pre) if c["compile"] else None
+        mhc_post_pre_step = torch.compile(torch_mhc_post_pre) if c["compile"] else None
+        hc_post_pre_step = torch.compile(torch_hc_post_pre) if c["compile"] else None
 
     class Triton:
         stream_pre, stream_post = (K.stream_pre, K.stream_post) if K else (None, None)
@@ -185,6 +192,11 @@ def bench_kernels(c, device):
             layer_in, _, H_post, H_res, _, _ = K.hc_pre(x, *params)
             return layer_in, H_post, H_res
 
+        @staticmethod
+        def hc_post_pre_step(*inputs):
+            x_next, layer_in, _, H_post, H_res, _, _ = K.hc_post_pre(*inputs)
+            return x_next, layer_in, H_post, H_res
+
     impls = [("torch eager", Eager)] + ([("torch.compile", Compiled)] if c["compile"] else []) + ([("triton", Triton)] if K else [])
     for name, make_fwd, fbytes, make_bwd, bbytes in ops:
         base = {}
@@ -201,28 +213,31 @@ def bench_e2e(c, device):
     ctx = torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False)
     shape = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                  bias=False, n_streams=c["n_streams"])
-    # (residual, kernel, compiled, recompute, stream dtype); Triton mHC without recompute is fused
+    # (residual, kernel, compiled, recompute, stream dtype, fuse); Triton HC / mHC without
+    # recompute run each sublayer's write fused with the next one's pre step unless fuse=False
     cc = c["compile"]
-    runs = [("residual", "torch", cc, False, "float32"), ("hc", "torch", False, False, "float32"),
-            ("mhc", "torch", False, False, "float32")]
+    runs = [("residual", "torch", cc, False, "float32", True), ("hc", "torch", False, False, "float32", True),
+            ("mhc", "torch", False, False, "float32", True)]
     if c["compiled_torch_mhc"]:
-        runs.append(("mhc", "torch", True, False, "float32"))
+        runs.append(("mhc", "torch", True, False, "float32", True))
     if triton_kernels(device):
-        runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32"),
-                 ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
+        runs += [("hc", "triton", cc, False, "float32", True), ("mhc", "triton", cc, False, "float32", True),
+                 ("mhc", "triton", cc, False, "float32", False), ("mhc", "triton", cc, False, "bfloat16", True),
+                 ("hc", "triton", cc, False, "bfloat16", True), ("mhc", "triton", cc, True, "float32", True),
+                 ("mhc", "triton", cc, True, "bfloat16", True)]
     tokens = c["batch_size"] * c["block_size"]
     print(f"\nend to end: {c['n_layer']} layers, C={c['n_embd']}, n={c['n_streams']}, "
           f"{c['batch_size']}x{c['block_size']} tokens, {dtype}, AdamW")
     print(f"{'model':<52} {'ms/step':>9} {'tok/s':>10} {'x resid':>8} {'peak GiB':>9} {'x resid':>8} {'1st step s':>10}")
     base = None
-    for residual, kernel, compiled, recompute, stream_dtype in runs:
+    for residual, kernel, compiled, recompute, stream_dtype, fuse in runs:
         torch.manual_seed(0)
         if device == "cuda":
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = GPT(GPTConfig(residual=residual, kernel=kernel, recompute=recompute, stream_dtype=stream_dtype,
-                              **shape)).to(device)
+                              fuse=fuse, **shape)).to(device)
         opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
         step_model = torch.compile(model) if compiled else model
         x = torch.randint(0, 50257, (c["batch_size"], c["block_size"]), device=device)
@@ -245,10 +260,10 @@ def bench_e2e(c, device):
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         base = base or (ms, peak)
         label = (f"{residual}, {kernel}{', compiled' if compiled else ', eager'}{', recompute' if recompute else ''}"
-                 f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}")
+                 f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}{', unfused' if not fuse else ''}")
         print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
               f"{peak / base[1]:7.2f}x {first:10.1f}")
-        if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute:
+        if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute and fuse:
             profile_steps(step, label)
         del model, opt, step_model
 
@@ -326,6 +341,14 @@ def ptxas_report():
                "hpost_ptr", "hres_ptr", "u_ptr", "r_ptr"], c_hc, warps=sk.PRE_WARPS)
         report(f"hc_pre bwd n={n} C=768", sk._hc_pre_bwd_kernel, ["x_ptr", "W_ptr", "s_ptr", "u_ptr", "r_ptr", "hpre_ptr",
                "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "dx_ptr", "dhpre_ptr", "dacc_ptr"], c_hc, warps=sk.PRE_WARPS)
+        c_hc16 = c_hc | dict(BM=16, BC=max(16, c["BC"] // 2))  # hc_post_pre takes mhc_post_pre's tile
+        report(f"hc post+pre fwd n={n} C=768", sk._hc_post_pre_fwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr",
+               "xn_ptr", "W_ptr", "s_ptr", "b_ptr", "out_ptr", "hpre_ptr", "hpost_ptr", "hres_ptr", "u_ptr", "r_ptr"],
+               c_hc16, warps=sk.PRE_WARPS)
+        report(f"hc post+pre bwd n={n} C=768", sk._hc_post_pre_bwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr",
+               "xn_ptr", "W_ptr", "s_ptr", "u_ptr", "r_ptr", "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr",
+               "gnext_ptr", "dx_ptr", "dy_ptr", "dhres0_ptr", "dhpost0_ptr", "dhpre_ptr", "dacc_ptr"], c_hc16,
+               warps=sk.PRE_WARPS)
         report(f"post+pre fwd n={n} C=768", sk._post_pre_fwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr", "xn_ptr",
                "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr", "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"],
                {k: v for k, v in c.items() if k != "BK"} | dict(BC=max(16, BC // 2)), warps=sk.PRE_WARPS)

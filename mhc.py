@@ -131,9 +131,16 @@ class Connection(nn.Module):
         return stream_post(x, y, H_res, H_post)
 
     def fused_pre(self, x):
-        """The Triton path's (H_pre . x, H_post, H_res); HC: its maps, then the read kernel."""
+        """The Triton path's (H_pre . x, H_post, H_res): here the maps, then the read kernel;
+        HC and mHC do it all in one kernel."""
         H_pre, H_post, H_res = self.maps(x)
         return triton_kernels.stream_pre(x, H_pre), H_post, H_res
+
+    def fused_post_pre(self, x, y, H_res, H_post):
+        """The previous sublayer's write x_next = H_res x + H_post^T y, then this fused_pre:
+        (x_next, H_pre . x_next, H_post, H_res). HC and mHC do both in one kernel (run_fused)."""
+        x = triton_kernels.stream_post(x, y, H_res, H_post)
+        return (x, *self.fused_pre(x))
 
 
 class HyperConnection(Connection):
@@ -168,6 +175,11 @@ class HyperConnection(Connection):
         # the maps and H_pre . x in one kernel that reads the stream once (sinkhorn_kernel.hc_pre)
         layer_in, _, H_post, H_res, _, _ = triton_kernels.hc_pre(x, self.W, self.s, self.b)
         return layer_in, H_post, self.mixing(H_res)
+
+    def fused_post_pre(self, x, y, H_res, H_post):
+        # the previous sublayer's write and this fused_pre in one kernel (see run_fused)
+        x, layer_in, _, H_post, H_res, _, _ = triton_kernels.hc_post_pre(x, y, H_res, H_post, self.W, self.s, self.b)
+        return x, layer_in, H_post, self.mixing(H_res)
 
 
 class ManifoldHyperConnection(Connection):
@@ -233,6 +245,12 @@ class ManifoldHyperConnection(Connection):
         layer_in, _, H_post, H_res, _, _ = triton_kernels.mhc_pre(x, self.phi, self.alpha, self.b, self.sinkhorn_iters)
         return layer_in, H_post, self.mixing(H_res)
 
+    def fused_post_pre(self, x, y, H_res, H_post):
+        # the previous sublayer's write and this fused_pre in one kernel (see run_fused)
+        x, layer_in, _, H_post, H_res, _, _ = triton_kernels.mhc_post_pre(x, y, H_res, H_post, self.phi, self.alpha,
+                                                                         self.b, self.sinkhorn_iters)
+        return x, layer_in, H_post, self.mixing(H_res)
+
 
 class ManifoldHyperConnectionLite(ManifoldHyperConnection):
     """mHC-lite (Yang & Gao 2026): H_res = sum_r softmax(alpha h_res + b_res)_r P_r, a convex
@@ -262,22 +280,21 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
     def res_map(self, logits, x):
         return torch.einsum("...r,rij->...ij", torch.softmax(logits, dim=-1), self.P)
 
-    fused_pre = Connection.fused_pre  # its maps, then the read kernel (mhc_pre knows only Sinkhorn)
+    # its maps, then the read kernel (mhc_pre and mhc_post_pre know only Sinkhorn)
+    fused_pre, fused_post_pre = Connection.fused_pre, Connection.fused_post_pre
 
 
 def run_fused(x, steps):
-    """mHC on the Triton path, every sublayer in depth order, with sublayer k's write and sublayer
-    k+1's pre step in one kernel (sinkhorn_kernel.mhc_post_pre, which reads the new stream once
-    less). steps: [(connection, sublayer), ...]. The same function as calling each connection."""
+    """HC or mHC on the Triton path, every sublayer in depth order, with sublayer k's write and
+    sublayer k+1's pre step in one kernel (fused_post_pre: the new stream is projected as it is
+    written, not read back for it). steps: [(connection, sublayer), ...]. The same function as
+    calling each connection."""
     layer_in, H_post, H_res = steps[0][0].fused_pre(x)
     for k, (_, sublayer) in enumerate(steps):
         y = sublayer(layer_in)
         if k + 1 == len(steps):
             return triton_kernels.stream_post(x, y, H_res, H_post)
-        nxt = steps[k + 1][0]
-        x, layer_in, _, H_post, H_res, _, _ = triton_kernels.mhc_post_pre(x, y, H_res, H_post, nxt.phi, nxt.alpha,
-                                                                         nxt.b, nxt.sinkhorn_iters)
-        H_res = nxt.mixing(H_res)
+        x, layer_in, H_post, H_res = steps[k + 1][0].fused_post_pre(x, y, H_res, H_post)
 
 
 def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch", dynamic=True,

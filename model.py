@@ -35,7 +35,7 @@ class GPTConfig:
     stream_dtype: str = "float32"  # HC/mHC: how the n-stream state is stored: "float32" or "bfloat16"
     dynamic: bool = True      # ablation: False keeps only the static (bias) part of every map
     res_mixing: bool = True   # ablation: False fixes H_res = I (the streams never mix)
-    fuse: bool = True         # mHC on Triton: fuse each sublayer's write with the next one's read
+    fuse: bool = True         # HC/mHC on Triton: fuse each sublayer's write with the next one's read
 
     def __post_init__(self):
         if self.residual not in mhc.RESIDUAL_MODES:
@@ -228,11 +228,11 @@ class GPT(nn.Module):
         return logits, loss
 
     def fused(self, x):
-        """Whether the sublayers run through mhc.run_fused: mHC (not -lite) on the Triton path, in
+        """Whether the sublayers run through mhc.run_fused: HC or mHC (not -lite) on the Triton path, in
         training (no_grad calls, such as evaluation and mixing_matrices' hooks, take the
         per-connection path), without recompute (which works block by block)."""
         cfg = self.config
-        return (cfg.fuse and cfg.residual == "mhc" and not cfg.recompute and torch.is_grad_enabled()
+        return (cfg.fuse and cfg.residual in ("hc", "mhc") and not cfg.recompute and torch.is_grad_enabled()
                 and mhc.use_triton(cfg.kernel, x))
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ each one as a single opaque op (no graph break, no tracing of the Sinkhorn loop)
     mhc_pre(x, phi, alpha, b, iters)           an mHC sublayer's maps (Eqs. 2-4) and H_pre . x, in one pass
     mhc_post_pre(x, y, H_res, H_post, ...)     sublayer k's write fused with sublayer k+1's mhc_pre
     hc_pre(x, W, s, b)                         an HC sublayer's maps and H_pre . x, in one pass
+    hc_post_pre(x, y, H_res, H_post, W, s, b)  sublayer k's write fused with sublayer k+1's hc_pre
 
 mhc.py is the reference these are tested against (test_mhc.py, float64 oracle; on a CPU the
 kernels run in Triton's interpreter, TRITON_INTERPRET=1).
@@ -522,6 +523,45 @@ def _pre_read(x_ptr, out_ptr, H_pre, m, M, C, n: tl.constexpr, NP: tl.constexpr,
 
 
 @triton.jit
+def _pick(t, i, NP: tl.constexpr):
+    """Column i of a [BM, NP] tile, as [BM]."""
+    return tl.sum(tl.where(tl.arange(0, NP)[None, :] == i, t, 0.0), axis=1)
+
+
+@triton.jit
+def _write_stream(x, y, i, m, M, c, mc, C, hres0_ptr, hpost0_ptr, xn_ptr, n: tl.constexpr, NP: tl.constexpr):
+    """Stream i of a write x_next = H_res x + H_post^T y on a channel tile (x [BM, NP, BC], y
+    [BM, BC]): stored, and returned as stored (fp32 of e.g. a bf16 stream) for the next pre step."""
+    h_row = _coef(hres0_ptr, m, M, n, NP, n * n, 1, i * n)                 # H_res[i, :]
+    h_post = tl.load(hpost0_ptr + m * n + i, mask=m < M, other=0.0)
+    v = (tl.sum(h_row[:, :, None] * x, axis=1) + h_post[:, None] * y).to(xn_ptr.dtype.element_ty)
+    tl.store(xn_ptr + m[:, None] * (n * C) + i * C + c[None, :], v, mask=mc)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _write_bwd(g, i, x, y, H_post, m, M, hres0_ptr, dx, dy, dh_res, dh_post, n: tl.constexpr, NP: tl.constexpr):
+    """Stream i of the write's backward on a channel tile, given g = dLoss/dx_next[:, i, c]:
+    dx_j += H_res[i, j] g, dy += H_post[i] g, dH_res[i, :] += x . g, dH_post[i] += y . g."""
+    k = tl.arange(0, NP)
+    h_row = _coef(hres0_ptr, m, M, n, NP, n * n, 1, i * n)                 # H_res[i, :]
+    dx += h_row[:, :, None] * g[:, None, :]
+    dy += _pick(H_post, i, NP)[:, None] * g
+    dh_res += tl.where(k[None, :, None] == i, tl.sum(x * g[:, None, :], axis=2)[:, None, :], 0.0)
+    dh_post += tl.where(k[None, :] == i, tl.sum(g * y, axis=1)[:, None], 0.0)
+    return dx, dy, dh_res, dh_post
+
+
+@triton.jit
+def _write_bwd_store(dh_res, dh_post, m, M, dhres0_ptr, dhpost0_ptr, n: tl.constexpr, NP: tl.constexpr):
+    k = tl.arange(0, NP)
+    mk = (m[:, None] < M) & (k[None, :] < n)
+    tl.store(dhpost0_ptr + m[:, None] * n + k[None, :], dh_post, mask=mk)
+    offs_r = m[:, None, None] * (n * n) + k[None, :, None] * n + k[None, None, :]
+    tl.store(dhres0_ptr + offs_r, dh_res, mask=mk[:, :, None] & (k[None, None, :] < n))
+
+
+@triton.jit
 def _post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, alpha_ptr, b_ptr, out_ptr, hpre_ptr,
                          hpost_ptr, hres_ptr, h_ptr, r_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
                          K: tl.constexpr, NR: tl.constexpr, ITERS: tl.constexpr, BM: tl.constexpr,
@@ -540,12 +580,7 @@ def _post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, a
         x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
         y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
         for i in range(n):
-            h_row = _coef(hres0_ptr, m, M, n, NP, n * n, 1, i * n)                 # H_res[i, :]
-            h_post = tl.load(hpost0_ptr + m * n + i, mask=m < M, other=0.0)
-            v = tl.sum(h_row[:, :, None] * x, axis=1) + h_post[:, None] * y        # x_next, stream i
-            v = v.to(xn_ptr.dtype.element_ty)
-            tl.store(xn_ptr + m[:, None] * NC + i * C + c[None, :], v, mask=mc)
-            v = v.to(tl.float32)  # the next step sees x_next as stored (e.g. rounded to bf16)
+            v = _write_stream(x, y, i, m, M, c, mc, C, hres0_ptr, hpost0_ptr, xn_ptr, n, NP)   # x_next, stream i
             p_pp, p_res = _phi_blocks(phi_ptr, i * C + c, NC, n, NP, K, NR)        # phi rows i*C + c
             acc_pp = tl.dot(v, p_pp, acc_pp, input_precision=DOT_PRECISION)
             acc_res = tl.dot(v, p_res, acc_res, input_precision=DOT_PRECISION)
@@ -657,23 +692,14 @@ def _post_pre_bwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, a
             # stream i of x_next's gradient: the pre step's dv (+ H_pre^T g_in) + g_next
             v = tl.load(xn_ptr + m[:, None] * NC + i * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
             p_pp, p_res = _phi_blocks(phi_ptr, i * C + c, NC, n, NP, K, NR)
-            h_pre_i = tl.sum(tl.where(k[None, :] == i, H_pre, 0.0), axis=1)
             g = (tl.dot(da_pp, tl.trans(p_pp), input_precision=DOT_PRECISION)
                  + tl.dot(da_res, tl.trans(p_res), input_precision=DOT_PRECISION)
-                 + coef[:, None] * v + h_pre_i[:, None] * g_in
+                 + coef[:, None] * v + _pick(H_pre, i, NP)[:, None] * g_in
                  + tl.load(gnext_ptr + m[:, None] * NC + i * C + c[None, :], mask=mc, other=0.0).to(tl.float32))
-            # the write's backward with it: dx_j += H_res[i, j] g_i, dy += H_post[i] g_i,
-            # dH_res[i, :] += x . g_i, dH_post[i] += y . g_i
-            h_row = _coef(hres0_ptr, m, M, n, NP, n * n, 1, i * n)                           # H_res[i, :]
-            dx += h_row[:, :, None] * g[:, None, :]
-            dy += tl.sum(tl.where(k[None, :] == i, H_post, 0.0), axis=1)[:, None] * g
-            dh_res += tl.where(k[None, :, None] == i, tl.sum(x * g[:, None, :], axis=2)[:, None, :], 0.0)
-            dh_post += tl.where(k[None, :] == i, tl.sum(g * y, axis=1)[:, None], 0.0)
+            dx, dy, dh_res, dh_post = _write_bwd(g, i, x, y, H_post, m, M, hres0_ptr, dx, dy, dh_res, dh_post, n, NP)
         tl.store(dx_ptr + offs, dx, mask=mask)
         tl.store(dy_ptr + m[:, None] * C + c[None, :], dy, mask=mc)
-    tl.store(dhpost0_ptr + m[:, None] * n + k[None, :], dh_post, mask=mk)
-    offs_r = m[:, None, None] * (n * n) + k[None, :, None] * n + k[None, None, :]
-    tl.store(dhres0_ptr + offs_r, dh_res, mask=mk[:, :, None] & (k[None, None, :] < n))
+    _write_bwd_store(dh_res, dh_post, m, M, dhres0_ptr, dhpost0_ptr, n, NP)
 
 
 PRE_WARPS = 8  # warps per program of the fused pre step (see _pre_blocks)
@@ -913,22 +939,14 @@ def _hc_res_select(NP: tl.constexpr, QP: tl.constexpr):
 
 
 @triton.jit
-def _hc_pre_fwd_kernel(x_ptr, W_ptr, s_ptr, b_ptr, out_ptr, hpre_ptr, hpost_ptr, hres_ptr, u_ptr, r_ptr, M, C,
-                       n: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, QP: tl.constexpr, BM: tl.constexpr,
-                       BC: tl.constexpr):
-    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+def _hc_maps(acc, ss, C, m, M, s_ptr, b_ptr, hpre_ptr, hpost_ptr, hres_ptr, u_ptr, r_ptr, n: tl.constexpr,
+             NP: tl.constexpr, Q: tl.constexpr, QP: tl.constexpr):
+    """From the per-stream projections acc = x_j . W [BM, NP, QP] and sum(x_j^2) [BM, NP] of BM
+    tokens: HC's maps, stored with u and r for the backward; returns H_pre [BM, NP]."""
     j = tl.arange(0, NP)
     q = tl.arange(0, QP)
-    # per stream: x_j . W and sum(x_j^2), one pass over x
-    acc = tl.zeros((BM * NP, QP), dtype=tl.float32)
-    ss = tl.zeros((BM, NP), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
-        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
-        acc = tl.dot(tl.reshape(x, (BM * NP, BC)), _hc_w(W_ptr, c, C, Q, QP), acc, input_precision=DOT_PRECISION)
-        ss += tl.sum(x * x, axis=2)
     r = 1.0 / tl.sqrt(ss / C + 1e-6)                                  # 1 / rms(x_j), eps inside the root
-    u = tl.reshape(acc, (BM, NP, QP)) * r[:, :, None]                 # rmsnorm(x_j) . W
+    u = acc * r[:, :, None]                                           # rmsnorm(x_j) . W
     d = 2.0 * tl.sigmoid(2.0 * u) - 1.0                               # tanh(u)
     mj = (m[:, None] < M) & (j[None, :] < n)
     mjq = mj[:, :, None] & (q[None, None, :] < Q)
@@ -947,14 +965,59 @@ def _hc_pre_fwd_kernel(x_ptr, W_ptr, s_ptr, b_ptr, out_ptr, hpre_ptr, hpost_ptr,
     tl.store(hpre_ptr + m[:, None] * n + j[None, :], H_pre, mask=mj)
     tl.store(hpost_ptr + m[:, None] * n + j[None, :], H_post, mask=mj)
     tl.store(hres_ptr + offs_res, b_res + s_res * d_res, mask=cell)
+    return H_pre
+
+
+@triton.jit
+def _hc_pre_fwd_kernel(x_ptr, W_ptr, s_ptr, b_ptr, out_ptr, hpre_ptr, hpost_ptr, hres_ptr, u_ptr, r_ptr, M, C,
+                       n: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, QP: tl.constexpr, BM: tl.constexpr,
+                       BC: tl.constexpr):
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+    # per stream: x_j . W and sum(x_j^2), one pass over x
+    acc = tl.zeros((BM * NP, QP), dtype=tl.float32)
+    ss = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+        acc = tl.dot(tl.reshape(x, (BM * NP, BC)), _hc_w(W_ptr, c, C, Q, QP), acc, input_precision=DOT_PRECISION)
+        ss += tl.sum(x * x, axis=2)
+    H_pre = _hc_maps(tl.reshape(acc, (BM, NP, QP)), ss, C, m, M, s_ptr, b_ptr, hpre_ptr, hpost_ptr, hres_ptr, u_ptr,
+                     r_ptr, n, NP, Q, QP)
     _pre_read(x_ptr, out_ptr, H_pre, m, M, C, n, NP, BC)
 
 
 @triton.jit
-def _hc_pre_bwd_kernel(x_ptr, W_ptr, s_ptr, u_ptr, r_ptr, hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr,
-                       dx_ptr, dhpre_ptr, dacc_ptr, M, C, n: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr,
-                       QP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+def _hc_post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, W_ptr, s_ptr, b_ptr, out_ptr, hpre_ptr,
+                            hpost_ptr, hres_ptr, u_ptr, r_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                            Q: tl.constexpr, QP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """Sublayer k's write fused with sublayer k+1's HC pre step, as _post_pre_fwd_kernel for mHC:
+    each stream of x_next is projected from registers as it is written."""
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    j = tl.arange(0, NP)
+    acc = tl.zeros((BM, NP, QP), dtype=tl.float32)
+    ss = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        mc = (m[:, None] < M) & (c[None, :] < C)
+        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+        y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+        w = _hc_w(W_ptr, c, C, Q, QP)
+        for i in range(n):
+            v = _write_stream(x, y, i, m, M, c, mc, C, hres0_ptr, hpost0_ptr, xn_ptr, n, NP)   # x_next, stream i
+            acc += tl.where(j[None, :, None] == i, tl.dot(v, w, input_precision=DOT_PRECISION)[:, None, :], 0.0)
+            ss += tl.where(j[None, :] == i, tl.sum(v * v, axis=1)[:, None], 0.0)
+    H_pre = _hc_maps(acc, ss, C, m, M, s_ptr, b_ptr, hpre_ptr, hpost_ptr, hres_ptr, u_ptr, r_ptr, n, NP, Q, QP)
+    tl.debug_barrier()  # this program's x_next stores are visible to its own loads below
+    _pre_read(xn_ptr, out_ptr, H_pre, m, M, C, n, NP, BC)
+
+
+@triton.jit
+def _hc_bwd_coefs(x_ptr, s_ptr, u_ptr, r_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr, dhpre_ptr, dacc_ptr, m, M,
+                  C, n: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, QP: tl.constexpr, BC: tl.constexpr):
+    """The coefficient part of one HC pre step's backward (x: its input stream), for BM tokens:
+    stores per token the full gradient of H_pre and dacc (of acc = x_j . W); returns dacc
+    [BM, NP, QP] and coef [BM, NP], so that stream j's gradient is dacc_j . W^T + coef_j x_j
+    (+ the read's H_pre[j] g_in, added by the caller)."""
     j = tl.arange(0, NP)
     q = tl.arange(0, QP)
     mj = (m[:, None] < M) & (j[None, :] < n)
@@ -982,8 +1045,18 @@ def _hc_pre_bwd_kernel(x_ptr, W_ptr, s_ptr, u_ptr, r_ptr, hpre_ptr, gin_ptr, ghp
     du = dd * (1.0 - d * d)                                   # tanh'
     dacc = du * r[:, :, None]                                 # u = acc * r, acc = x_j . W
     tl.store(dacc_ptr + m[:, None, None] * (n * Q) + j[None, :, None] * Q + q[None, None, :], dacc, mask=mjq)
-    coef = -tl.sum(du * u, axis=2) * r * r / C                # dLoss/dr * dr/dx = -r^3 x / C, with acc = u / r
-    h_pre = tl.load(hpre_ptr + m[:, None] * n + j[None, :], mask=mj, other=0.0)
+    return dacc, -tl.sum(du * u, axis=2) * r * r / C          # dLoss/dr * dr/dx = -r^3 x / C, with acc = u / r
+
+
+@triton.jit
+def _hc_pre_bwd_kernel(x_ptr, W_ptr, s_ptr, u_ptr, r_ptr, hpre_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr,
+                       dx_ptr, dhpre_ptr, dacc_ptr, M, C, n: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr,
+                       QP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+    j = tl.arange(0, NP)
+    dacc, coef = _hc_bwd_coefs(x_ptr, s_ptr, u_ptr, r_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr, dhpre_ptr,
+                               dacc_ptr, m, M, C, n, NP, Q, QP, BC)
+    h_pre = tl.load(hpre_ptr + m[:, None] * n + j[None, :], mask=(m[:, None] < M) & (j[None, :] < n), other=0.0)
     dacc2 = tl.reshape(dacc, (BM * NP, QP))
     # dx_j = dacc_j . W^T + coef_j x_j + H_pre[j] g_in: a second pass
     for c0 in range(0, C, BC):
@@ -993,6 +1066,44 @@ def _hc_pre_bwd_kernel(x_ptr, W_ptr, s_ptr, u_ptr, r_ptr, hpre_ptr, gin_ptr, ghp
         proj = tl.dot(dacc2, tl.trans(_hc_w(W_ptr, c, C, Q, QP)), input_precision=DOT_PRECISION)
         dx = tl.reshape(proj, (BM, NP, BC)) + coef[:, :, None] * x + h_pre[:, :, None] * g[:, None, :]
         tl.store(dx_ptr + offs, dx, mask=mask)
+
+
+@triton.jit
+def _hc_post_pre_bwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, W_ptr, s_ptr, u_ptr, r_ptr, hpre_ptr,
+                            gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr, gnext_ptr, dx_ptr, dy_ptr, dhres0_ptr,
+                            dhpost0_ptr, dhpre_ptr, dacc_ptr, M, C, n: tl.constexpr, NP: tl.constexpr,
+                            Q: tl.constexpr, QP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """The backward of _hc_post_pre_fwd_kernel in one kernel, as _post_pre_bwd_kernel for mHC."""
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
+    NC = n * C
+    j = tl.arange(0, NP)
+    dacc, coef = _hc_bwd_coefs(xn_ptr, s_ptr, u_ptr, r_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr, dhpre_ptr,
+                               dacc_ptr, m, M, C, n, NP, Q, QP, BC)
+    mj = (m[:, None] < M) & (j[None, :] < n)
+    H_pre = tl.load(hpre_ptr + m[:, None] * n + j[None, :], mask=mj, other=0.0)
+    H_post = tl.load(hpost0_ptr + m[:, None] * n + j[None, :], mask=mj, other=0.0)           # sublayer k's
+    dh_res = tl.zeros((BM, NP, NP), dtype=tl.float32)   # [token, i, j]
+    dh_post = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        mc = (m[:, None] < M) & (c[None, :] < C)
+        g_in = tl.load(gin_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+        x, offs, mask = _tile(x_ptr, m, c, M, C, n, NP)                                    # sublayer k's input
+        w_t = tl.trans(_hc_w(W_ptr, c, C, Q, QP))
+        dx = tl.zeros((BM, NP, BC), dtype=tl.float32)
+        dy = tl.zeros((BM, BC), dtype=tl.float32)
+        for i in range(n):
+            # stream i of x_next's gradient: the pre step's (+ H_pre[i] g_in) + g_next
+            v = tl.load(xn_ptr + m[:, None] * NC + i * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
+            dacc_i = tl.sum(tl.where(j[None, :, None] == i, dacc, 0.0), axis=1)                # [BM, QP]
+            g = (tl.dot(dacc_i, w_t, input_precision=DOT_PRECISION)
+                 + _pick(coef, i, NP)[:, None] * v + _pick(H_pre, i, NP)[:, None] * g_in
+                 + tl.load(gnext_ptr + m[:, None] * NC + i * C + c[None, :], mask=mc, other=0.0).to(tl.float32))
+            dx, dy, dh_res, dh_post = _write_bwd(g, i, x, y, H_post, m, M, hres0_ptr, dx, dy, dh_res, dh_post, n, NP)
+        tl.store(dx_ptr + offs, dx, mask=mask)
+        tl.store(dy_ptr + m[:, None] * C + c[None, :], dy, mask=mc)
+    _write_bwd_store(dh_res, dh_post, m, M, dhres0_ptr, dhpost0_ptr, n, NP)
 
 
 def _hc_blocks(n, C):
@@ -1026,7 +1137,7 @@ def hc_pre(x: torch.Tensor, W: torch.Tensor, s: torch.Tensor, b: torch.Tensor
 
 
 @hc_pre.register_fake
-def _(x, W, s, b):
+def _hc_pre_fake(x, W, s, b):
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -1071,19 +1182,110 @@ def _hc_pre_setup(ctx, inputs, output):
     ctx.save_for_backward(x, W, s, u, r, H_pre)
 
 
-def _hc_pre_backward(ctx, g_in, g_pre, g_post, g_res, g_u, g_r):
-    x, W, s, u, r, H_pre = ctx.saved_tensors
+def _hc_reductions(x, u, dH_pre, dacc, g_post, g_res, W, s):
+    """The reductions over tokens of an HC pre step's backward: dW = x^T dacc over every stream row
+    (a GEMM), ds = the maps' gradients against tanh(u), db = those gradients summed."""
     n, C = x.shape[-2:]
-    g_in, g_pre, g_post, g_res = _pre_grads(g_in, g_pre, g_post, g_res, x)
-    dx, dH_pre, dacc = hc_pre_bwd(g_in, g_pre, g_post, g_res, x, W, s, u, r, H_pre)
-    # the reductions over tokens: dW = x^T dacc over every stream row (a GEMM), db = the maps'
-    # gradients summed, ds = those gradients against tanh(u)
     dW = x.reshape(-1, C).float().t() @ dacc.reshape(-1, n + 2)
     d = torch.tanh(u.reshape(-1, n, n + 2))
     ds = torch.stack([(dH_pre * d[..., 0]).sum(), (g_post * d[..., 1]).sum(),
                       (g_res.transpose(-1, -2) * d[..., 2:]).sum()])
     db = torch.cat([dH_pre.sum(0), g_post.sum(0), g_res.sum(0).flatten()])
-    return dx, dW.to(W.dtype), ds.to(s.dtype), db
+    return dW.to(W.dtype), ds.to(s.dtype), db
+
+
+def _hc_pre_backward(ctx, g_in, g_pre, g_post, g_res, g_u, g_r):
+    x, W, s, u, r, H_pre = ctx.saved_tensors
+    g_in, g_pre, g_post, g_res = _pre_grads(g_in, g_pre, g_post, g_res, x)
+    dx, dH_pre, dacc = hc_pre_bwd(g_in, g_pre, g_post, g_res, x, W, s, u, r, H_pre)
+    return dx, *_hc_reductions(x, u, dH_pre, dacc, g_post, g_res, W, s)
 
 
 torch.library.register_autograd("mhc::hc_pre", _hc_pre_backward, setup_context=_hc_pre_setup)
+
+
+@torch.library.custom_op("mhc::hc_post_pre", mutates_args=())
+def hc_post_pre(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torch.Tensor, W: torch.Tensor,
+                s: torch.Tensor, b: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sublayer k's write and sublayer k+1's HC pre step in one kernel: (x_next, and the outputs
+    of hc_pre(x_next, W, s, b)). The same numbers as stream_post then hc_pre."""
+    n, C = x.shape[-2:]
+    Q = n + 2
+    xf, yf = _flat(x, n), y.reshape(-1, C).contiguous()
+    M = xf.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    x_next = torch.empty_like(xf)
+    out = torch.empty(M, C, dtype=_compute_dtype(x), device=x.device)
+    H_pre, H_post2, H_res2 = torch.empty(M, n, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32)
+    u, r = torch.empty(M, n, Q, **f32), torch.empty(M, n, **f32)
+    NP, _, BM, _, BC = _pre_blocks(n, C)  # 16 tokens for tl.dot; the channel tile of mhc_post_pre
+    if M > 0:
+        _hc_post_pre_fwd_kernel[(triton.cdiv(M, BM),)](
+            xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), x_next,
+            W.float().contiguous(), s.float().contiguous(), b.float().contiguous(), out, H_pre, H_post2, H_res2, u, r,
+            M, C, n=n, NP=NP, Q=Q, QP=_hc_blocks(n, C)[1], BM=BM, BC=max(16, BC // 2), num_warps=PRE_WARPS)
+    lead = x.shape[:-2]
+    return (x_next.view(x.shape), out.view(*lead, C), H_pre.view(*lead, n), H_post2.view(*lead, n),
+            H_res2.view(*lead, n, n), u.view(*lead, n, Q), r.view(*lead, n))
+
+
+@hc_post_pre.register_fake
+def _(x, y, H_res, H_post, W, s, b):
+    return (torch.empty_like(x), *_hc_pre_fake(x, W, s, b))
+
+
+@torch.library.custom_op("mhc::hc_post_pre_bwd", mutates_args=())
+def hc_post_pre_bwd(g_next: torch.Tensor, g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor,
+                    g_res: torch.Tensor, x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torch.Tensor,
+                    x_next: torch.Tensor, W: torch.Tensor, s: torch.Tensor, u: torch.Tensor, r: torch.Tensor,
+                    H_pre: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dH_res, dH_post) of the write and (dH_pre, dacc) of the HC pre step (see
+    hc_pre_bwd), in one kernel; g_next is the gradient x_next received from later sublayers."""
+    n, C = x.shape[-2:]
+    Q = n + 2
+    xf, yf, xn = _flat(x, n), y.reshape(-1, C).contiguous(), _flat(x_next, n)
+    M = xf.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx, dy = torch.empty_like(xf), torch.empty_like(yf)
+    dres, dpost = torch.empty(M, n, n, **f32), torch.empty(M, n, **f32)
+    dH_pre, dacc = torch.empty(M, n, **f32), torch.empty(M, n, Q, **f32)
+    NP, _, BM, _, BC = _pre_blocks(n, C)
+    if M > 0:
+        _hc_post_pre_bwd_kernel[(triton.cdiv(M, BM),)](
+            xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), xn,
+            W.float().contiguous(), s.float().contiguous(), u.reshape(M, n, Q).contiguous(),
+            r.reshape(M, n).contiguous(), H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res,
+            _flat(g_next, n), dx, dy, dres, dpost, dH_pre, dacc, M, C, n=n, NP=NP, Q=Q, QP=_hc_blocks(n, C)[1],
+            BM=BM, BC=max(16, BC // 2), num_warps=PRE_WARPS)
+    return (dx.view(x.shape), dy.view(y.shape), dres.view(H_res.shape).to(H_res.dtype),
+            dpost.view(H_post.shape).to(H_post.dtype), dH_pre, dacc)
+
+
+@hc_post_pre_bwd.register_fake
+def _(g_next, g_in, g_pre, g_post, g_res, x, y, H_res, H_post, x_next, W, s, u, r, H_pre):
+    n = x.shape[-2]
+    M = x.numel() // (x.shape[-1] * n)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(H_res), torch.empty_like(H_post),
+            torch.empty(M, n, **f32), torch.empty(M, n, n + 2, **f32))
+
+
+def _hc_post_pre_setup(ctx, inputs, output):
+    x, y, H_res, H_post, W, s, b = inputs
+    x_next, _, H_pre, _, _, u, r = output
+    ctx.mark_non_differentiable(u, r)
+    ctx.save_for_backward(x, y, H_res, H_post, x_next, W, s, u, r, H_pre)
+
+
+def _hc_post_pre_backward(ctx, g_next, g_in, g_pre, g_post, g_res, g_u, g_r):
+    x, y, H_res, H_post, x_next, W, s, u, r, H_pre = ctx.saved_tensors
+    g_next = torch.zeros_like(x_next) if g_next is None else g_next
+    g_in, g_pre, g_post, g_res = _pre_grads(g_in, g_pre, g_post, g_res, x_next)
+    dx, dy, dres, dpost, dH_pre, dacc = hc_post_pre_bwd(g_next, g_in, g_pre, g_post, g_res, x, y, H_res, H_post, x_next,
+                                                        W, s, u, r, H_pre)
+    return dx, dy, dres, dpost, *_hc_reductions(x_next, u, dH_pre, dacc, g_post, g_res, W, s)
+
+
+torch.library.register_autograd("mhc::hc_post_pre", _hc_post_pre_backward, setup_context=_hc_post_pre_setup)

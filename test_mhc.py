@@ -430,17 +430,26 @@ def test_kernel_stream_mixing_forward_and_backward(n, C, M):
         assert max_rel_err(got.grad, ref.grad) < 1e-5
 
 
+def off_init(conn):
+    """Move an HC / mHC connection (float64) away from its init, so that every term matters."""
+    torch.manual_seed(conn.n)
+    with torch.no_grad():
+        gates = conn.s if isinstance(conn, mhc.HyperConnection) else conn.alpha
+        gates.copy_(torch.tensor([0.5, -0.7, 1.3]))
+        conn.b.normal_()
+        if isinstance(conn, mhc.HyperConnection):
+            conn.W.normal_()
+        else:
+            conn.phi.mul_(3)
+    return conn
+
+
 @needs_triton
 @pytest.mark.parametrize("n,C,M", [(1, 9, 3), (2, 40, 4), (3, 10, 17), (4, 16, 9), (8, 6, 3)])
 def test_kernel_fused_mhc_pre_step(n, C, M):
     # the whole pre step (Eqs. 2-4 and H_pre . x) against mhc.py in float64, every gradient;
     # nC spans several projection chunks and M is not a multiple of the token block
-    torch.manual_seed(n)
-    conn = mhc.ManifoldHyperConnection(n, C, layer_id=1, sinkhorn_iters=7).double()
-    with torch.no_grad():  # away from the init so that every term matters
-        conn.alpha.copy_(torch.tensor([0.5, -0.7, 1.3]))
-        conn.b.normal_()
-        conn.phi.mul_(3)
+    conn = off_init(mhc.ManifoldHyperConnection(n, C, layer_id=1, sinkhorn_iters=7).double())
     x = torch.randn(M, n, C, dtype=torch.float64, requires_grad=True)
     H_pre, H_post, H_res = conn.maps(x)
     ref = (mhc.stream_pre(x, H_pre), H_pre, H_post, H_res)
@@ -456,30 +465,30 @@ def test_kernel_fused_mhc_pre_step(n, C, M):
 
 
 @needs_triton
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
 @pytest.mark.parametrize("n,C,M", [(1, 9, 3), (2, 40, 4), (3, 10, 17), (4, 36, 9), (8, 6, 3)])
-def test_kernel_fused_post_and_next_pre_step(n, C, M):
-    # mhc_post_pre (sublayer k's write, then sublayer k+1's pre step on the new stream) against
-    # mhc.py in float64, every output and every gradient, x_next's own gradient included
-    torch.manual_seed(n)
-    conn = mhc.ManifoldHyperConnection(n, C, layer_id=1, sinkhorn_iters=7).double()
-    with torch.no_grad():
-        conn.alpha.copy_(torch.tensor([0.5, -0.7, 1.3]))
-        conn.b.normal_()
-        conn.phi.mul_(3)
+def test_kernel_fused_post_and_next_pre_step(residual, n, C, M):
+    # mhc_post_pre / hc_post_pre (sublayer k's write, then sublayer k+1's pre step on the new
+    # stream) against mhc.py in float64, every output and every gradient, x_next's own included
+    if residual == "mhc":
+        conn = off_init(mhc.ManifoldHyperConnection(n, C, layer_id=1, sinkhorn_iters=7).double())
+        params, fused = [conn.phi, conn.alpha, conn.b], lambda *a: triton_kernels.mhc_post_pre(*a, 7)
+    else:
+        conn = off_init(mhc.HyperConnection(n, C, layer_id=1).double())
+        params, fused = [conn.W, conn.s, conn.b], triton_kernels.hc_post_pre
     inputs = [torch.randn(M, n, C), torch.randn(M, C), mhc.sinkhorn(torch.randn(M, n, n), 20), 2 * torch.rand(M, n)]
     refs = [t.double().requires_grad_() for t in inputs]
     x_next = mhc.stream_post(*refs)
     H_pre, H_post, H_res = conn.maps(x_next)
     ref = (x_next, mhc.stream_pre(x_next, H_pre), H_pre, H_post, H_res)
     weights = [torch.randn_like(t) for t in ref]
-    params = [*refs, conn.phi, conn.alpha, conn.b]
-    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), params)
-    ours = [t.detach().float().to(DEVICE).requires_grad_() for t in params]
-    out = triton_kernels.mhc_post_pre(*ours, 7)
+    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), refs + params)
+    ours = [t.detach().float().to(DEVICE).requires_grad_() for t in refs + params]
+    out = fused(*ours)
     grads = torch.autograd.grad(sum((t.double() * w.to(DEVICE)).sum() for t, w in zip(out[:5], weights)), ours)
     for got, want in zip(out[:5], ref):
         assert max_rel_err(got.cpu(), want) < 1e-5
-    for got, want, name in zip(grads, ref_grads, ["x", "y", "H_res", "H_post", "phi", "alpha", "b"]):
+    for got, want, name in zip(grads, ref_grads, ["x", "y", "H_res", "H_post", "phi/W", "alpha/s", "b"]):
         assert max_rel_err(got.cpu(), want) < 1e-5, name
 
 
@@ -488,12 +497,7 @@ def test_kernel_fused_post_and_next_pre_step(n, C, M):
 def test_kernel_fused_hc_pre_step(n, C, M):
     # HC's maps and H_pre . x (sinkhorn_kernel.hc_pre) against mhc.py in float64, every gradient;
     # C = 70 spans two channel chunks and M = 17 is not a multiple of the token block
-    torch.manual_seed(n)
-    conn = mhc.HyperConnection(n, C, layer_id=1).double()
-    with torch.no_grad():  # away from the init (W = 0) so that every term matters
-        conn.W.normal_()
-        conn.s.copy_(torch.tensor([0.5, -0.7, 1.3]))
-        conn.b.normal_()
+    conn = off_init(mhc.HyperConnection(n, C, layer_id=1).double())
     x = torch.randn(M, n, C, dtype=torch.float64, requires_grad=True)
     H_pre, H_post, H_res = conn.maps(x)
     ref = (mhc.stream_pre(x, H_pre), H_pre, H_post, H_res)
@@ -510,7 +514,7 @@ def test_kernel_fused_hc_pre_step(n, C, M):
 
 
 @needs_triton
-@pytest.mark.parametrize("residual,options", [("hc", {}), ("mhc", {}), ("mhc_lite", {}),
+@pytest.mark.parametrize("residual,options", [("hc", {}), ("hc", dict(fuse=False)), ("mhc", {}), ("mhc_lite", {}),
                                               ("mhc", dict(dynamic=False)), ("mhc", dict(res_mixing=False)),
                                               ("hc", dict(stream_dtype="bfloat16")), ("mhc", dict(stream_dtype="bfloat16")),
                                               ("mhc", dict(fuse=False)), ("mhc", dict(fuse=False, stream_dtype="bfloat16"))])
@@ -557,10 +561,11 @@ def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
 
 
 @needs_triton
-def test_fused_cross_sublayer_path_equals_the_unfused_one():
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_fused_cross_sublayer_path_equals_the_unfused_one(residual):
     # sublayer k's write fused with sublayer k+1's pre step, against the two kernels one by one
     torch.manual_seed(0)
-    cfg = dict(TINY, n_layer=2, block_size=16, residual="mhc", kernel="triton")
+    cfg = dict(TINY, n_layer=2, block_size=16, residual=residual, kernel="triton")
     fused, unfused = GPT(GPTConfig(**cfg)).to(DEVICE), GPT(GPTConfig(**cfg, fuse=False)).to(DEVICE)
     unfused.load_state_dict(fused.state_dict())
     idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
@@ -574,7 +579,7 @@ def test_fused_cross_sublayer_path_equals_the_unfused_one():
 
 
 @needs_triton
-@pytest.mark.parametrize("residual,fuse", [("mhc", True), ("mhc", False), ("hc", False)])
+@pytest.mark.parametrize("residual,fuse", [("mhc", True), ("mhc", False), ("hc", True), ("hc", False)])
 def test_whole_triton_model_compiles_without_graph_breaks(residual, fuse):
     # dynamo + AOTAutograd capture the whole HC / mHC model, every custom op opaque (fullgraph=True)
     torch.manual_seed(0)
@@ -880,16 +885,16 @@ def test_bench_runs(tmp_path):
     assert "No CUDA GPU found" in run("bench.py", **env).stdout
     out = run("bench.py", "--device=cpu", "--only=kernels", TRITON_INTERPRET="1", **env).stdout
     for op in ("sinkhorn 4x4", "sinkhorn 8x8", "stream_pre", "stream_post", "mhc pre step", "mhc post+pre step",
-               "hc pre step"):
+               "hc pre step", "hc post+pre step"):
         assert f"{op}" in out and "GB/s" in out
     if triton_kernels is not None:
-        assert out.count(", triton") == 14
+        assert out.count(", triton") == 16
         # the interpreter accepts code the compiler may not: build every kernel for an H100;
         # none may spill registers to memory but the fused post+pre backward at n = 8 (24 bytes
         # per thread; BENCHMARKS.md)
         ptxas = run("bench.py", "--only=ptxas", TRITON_INTERPRET="0").stdout
         rows = [line.split() for line in ptxas.splitlines() if " n=" in line]
-        assert len(rows) == 24 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
+        assert len(rows) == 28 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
         assert [" ".join(r[:-2]) for r in rows if r[-1] != "0"] == ["post+pre bwd n=8 C=768"]
 
 

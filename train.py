@@ -52,7 +52,7 @@ DEFAULTS = dict(
     stream_dtype="float32",     # HC/mHC: store the n-stream state in "float32" or "bfloat16"
     dynamic=True,               # ablation: False keeps only the static part of the maps
     res_mixing=True,            # ablation: False fixes H_res = I
-    fuse=True,                  # mHC on Triton: fuse each sublayer's write with the next one's read
+    fuse=True,                  # HC/mHC on Triton: fuse each sublayer's write with the next one's read
     # AdamW, cosine schedule with linear warmup
     learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,              # 0 disables clipping (the norm is still logged)
