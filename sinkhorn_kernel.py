@@ -947,7 +947,7 @@ def _hc_maps(acc, ss, C, m, M, s_ptr, b_ptr, hpre_ptr, hpost_ptr, hres_ptr, u_pt
     q = tl.arange(0, QP)
     r = 1.0 / tl.sqrt(ss / C + 1e-6)                                  # 1 / rms(x_j), eps inside the root
     u = acc * r[:, :, None]                                           # rmsnorm(x_j) . W
-    d = 2.0 * tl.sigmoid(2.0 * u) - 1.0                               # tanh(u)
+    d = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u), from tl.sigmoid: runs compiled and in the interpreter
     mj = (m[:, None] < M) & (j[None, :] < n)
     mjq = mj[:, :, None] & (q[None, None, :] < Q)
     tl.store(u_ptr + m[:, None, None] * (n * Q) + j[None, :, None] * Q + q[None, None, :], u, mask=mjq)
