@@ -296,6 +296,11 @@ def _flat(x, n):
     return x.reshape(-1, n, x.shape[-1]).contiguous()
 
 
+def _f32(*params):
+    """The kernels read the connections' parameters (phi, W, gates, biases) as contiguous fp32."""
+    return [p.float().contiguous() for p in params]
+
+
 @torch.library.custom_op("mhc::stream_pre", mutates_args=())
 def stream_pre(x: torch.Tensor, H_pre: torch.Tensor) -> torch.Tensor:
     """layer_in = H_pre . x: x [..., n, C], H_pre [..., n] -> [..., C] (dtype of x)."""
@@ -731,8 +736,7 @@ def mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Te
     h, r = torch.empty(M, K, **f32), torch.empty(M, **f32)
     NP, NR, BM, BK, BC = _pre_blocks(n, C)
     if M > 0:
-        _mhc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, phi.float().contiguous(), alpha.float().contiguous(),
-                                                   b.float().contiguous(), out, H_pre, H_post, H_res, h, r, M, C,
+        _mhc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, *_f32(phi, alpha, b), out, H_pre, H_post, H_res, h, r, M, C,
                                                    n=n, NP=NP, K=K, NR=NR, ITERS=iters, BM=BM, BK=BK, BC=BC,
                                                    num_warps=PRE_WARPS)
     lead = x.shape[:-2]
@@ -774,10 +778,6 @@ def _pre_reductions(x, h, dacc, dz, phi, alpha, b):
     return dphi.to(phi.dtype), dalpha.to(alpha.dtype), dz.sum(0).to(b.dtype)
 
 
-def _params(phi, alpha, b):
-    return phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous()
-
-
 @torch.library.custom_op("mhc::mhc_pre_bwd", mutates_args=())
 def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g_res: torch.Tensor,
                 x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
@@ -795,7 +795,7 @@ def mhc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g
     NP, NR, BM, BK, BC = _pre_blocks(n, C)
     if M > 0:
         _mhc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
-            xf, *_params(phi, alpha, b), h.reshape(M, K).contiguous(), r.reshape(M).contiguous(),
+            xf, *_f32(phi, alpha, b), h.reshape(M, K).contiguous(), r.reshape(M).contiguous(),
             H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res, dx, dacc, dz, M, C, n=n, NP=NP, K=K, NR=NR,
             ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BK=BK, BC=BC, num_warps=PRE_WARPS)
     return dx.view(x.shape), dacc, dz
@@ -846,7 +846,7 @@ def mhc_post_pre(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: 
     if M > 0:
         _post_pre_fwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), x_next,
-            phi.float().contiguous(), alpha.float().contiguous(), b.float().contiguous(), out, H_pre, H_post2, H_res2, h, r,
+            *_f32(phi, alpha, b), out, H_pre, H_post2, H_res2, h, r,
             M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, BM=BM, BC=BC, num_warps=PRE_WARPS)
     lead = x.shape[:-2]
     return (x_next.view(x.shape), out.view(*lead, C), H_pre.view(*lead, n), H_post2.view(*lead, n),
@@ -886,7 +886,7 @@ def mhc_post_pre_bwd(g_next: torch.Tensor, g_in: torch.Tensor, g_pre: torch.Tens
     if M > 0:
         _post_pre_bwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), xn,
-            *_params(phi, alpha, b), h.reshape(M, K).contiguous(), r.reshape(M).contiguous(),
+            *_f32(phi, alpha, b), h.reshape(M, K).contiguous(), r.reshape(M).contiguous(),
             H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res, _flat(g_next, n), dx, dy, dres, dpost, dacc,
             dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM,
             BC=max(16, BC // 2), num_warps=PRE_WARPS)
@@ -1128,8 +1128,7 @@ def hc_pre(x: torch.Tensor, W: torch.Tensor, s: torch.Tensor, b: torch.Tensor
     u, r = torch.empty(M, n, Q, **f32), torch.empty(M, n, **f32)
     NP, QP, BM, BC = _hc_blocks(n, C)
     if M > 0:
-        _hc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, W.float().contiguous(), s.float().contiguous(),
-                                                  b.float().contiguous(), out, H_pre, H_post, H_res, u, r, M, C,
+        _hc_pre_fwd_kernel[(triton.cdiv(M, BM),)](xf, *_f32(W, s, b), out, H_pre, H_post, H_res, u, r, M, C,
                                                   n=n, NP=NP, Q=Q, QP=QP, BM=BM, BC=BC, num_warps=PRE_WARPS)
     lead = x.shape[:-2]
     return (out.view(*lead, C), H_pre.view(*lead, n), H_post.view(*lead, n), H_res.view(*lead, n, n),
@@ -1161,7 +1160,7 @@ def hc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g_
     flat = lambda t, *shape: t.reshape(M, *shape).float().contiguous()
     if M > 0:
         _hc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
-            xf, W.float().contiguous(), s.float().contiguous(), flat(u, n, Q), flat(r, n), flat(H_pre, n),
+            xf, *_f32(W, s), flat(u, n, Q), flat(r, n), flat(H_pre, n),
             g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n), dx, dH_pre, dacc,
             M, C, n=n, NP=NP, Q=Q, QP=QP, BM=BM, BC=BC, num_warps=PRE_WARPS)
     return dx.view(x.shape), dH_pre, dacc
@@ -1223,7 +1222,7 @@ def hc_post_pre(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: t
     if M > 0:
         _hc_post_pre_fwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), x_next,
-            W.float().contiguous(), s.float().contiguous(), b.float().contiguous(), out, H_pre, H_post2, H_res2, u, r,
+            *_f32(W, s, b), out, H_pre, H_post2, H_res2, u, r,
             M, C, n=n, NP=NP, Q=Q, QP=_hc_blocks(n, C)[1], BM=BM, BC=max(16, BC // 2), num_warps=PRE_WARPS)
     lead = x.shape[:-2]
     return (x_next.view(x.shape), out.view(*lead, C), H_pre.view(*lead, n), H_post2.view(*lead, n),
@@ -1255,7 +1254,7 @@ def hc_post_pre_bwd(g_next: torch.Tensor, g_in: torch.Tensor, g_pre: torch.Tenso
     if M > 0:
         _hc_post_pre_bwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), xn,
-            W.float().contiguous(), s.float().contiguous(), u.reshape(M, n, Q).contiguous(),
+            *_f32(W, s), u.reshape(M, n, Q).contiguous(),
             r.reshape(M, n).contiguous(), H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res,
             _flat(g_next, n), dx, dy, dres, dpost, dH_pre, dacc, M, C, n=n, NP=NP, Q=Q, QP=_hc_blocks(n, C)[1],
             BM=BM, BC=max(16, BC // 2), num_warps=PRE_WARPS)
