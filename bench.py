@@ -341,21 +341,22 @@ def ptxas_report():
                "hpost_ptr", "hres_ptr", "u_ptr", "r_ptr"], c_hc, warps=sk.PRE_WARPS)
         report(f"hc_pre bwd n={n} C=768", sk._hc_pre_bwd_kernel, ["x_ptr", "W_ptr", "s_ptr", "u_ptr", "r_ptr", "hpre_ptr",
                "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "dx_ptr", "dhpre_ptr", "dacc_ptr"], c_hc, warps=sk.PRE_WARPS)
-        c_hc16 = c_hc | dict(BM=16, BC=max(16, c["BC"] // 2))  # hc_post_pre takes mhc_post_pre's tile
+        pp = dict(zip(("NP", "BM", "BC"), sk._post_pre_blocks(n, 768)))  # the post+pre kernels' tiles
+        c_hc_pp = c_hc | pp
         report(f"hc post+pre fwd n={n} C=768", sk._hc_post_pre_fwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr",
                "xn_ptr", "W_ptr", "s_ptr", "b_ptr", "out_ptr", "hpre_ptr", "hpost_ptr", "hres_ptr", "u_ptr", "r_ptr"],
-               c_hc16, warps=sk.PRE_WARPS)
+               c_hc_pp, warps=sk.PRE_WARPS)
         report(f"hc post+pre bwd n={n} C=768", sk._hc_post_pre_bwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr",
                "xn_ptr", "W_ptr", "s_ptr", "u_ptr", "r_ptr", "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr",
-               "gnext_ptr", "dx_ptr", "dy_ptr", "dhres0_ptr", "dhpost0_ptr", "dhpre_ptr", "dacc_ptr"], c_hc16,
+               "gnext_ptr", "dx_ptr", "dy_ptr", "dhres0_ptr", "dhpost0_ptr", "dhpre_ptr", "dacc_ptr"], c_hc_pp,
                warps=sk.PRE_WARPS)
         report(f"post+pre fwd n={n} C=768", sk._post_pre_fwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr", "xn_ptr",
                "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr", "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"],
-               {k: v for k, v in c.items() if k != "BK"} | dict(BC=max(16, BC // 2)), warps=sk.PRE_WARPS)
+               {k: v for k, v in c.items() if k != "BK"} | pp, warps=sk.PRE_WARPS)
         report(f"post+pre bwd n={n} C=768", sk._post_pre_bwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr", "xn_ptr",
                "phi_ptr", "alpha_ptr", "b_ptr", "h_ptr", "r_ptr", "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr",
                "ghres_ptr", "gnext_ptr", "dx_ptr", "dy_ptr", "dhres0_ptr", "dhpost0_ptr", "dacc_ptr", "dz_ptr"],
-               {k: v for k, v in c.items() if k != "BK"} | dict(TP=32, BC=max(16, BC // 2)), warps=sk.PRE_WARPS)
+               {k: v for k, v in c.items() if k != "BK"} | pp | dict(TP=32), warps=sk.PRE_WARPS)
 
 
 def main(argv):

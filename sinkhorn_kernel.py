@@ -597,6 +597,19 @@ def _post_pre_fwd_kernel(x_ptr, y_ptr, hres0_ptr, hpost0_ptr, xn_ptr, phi_ptr, a
 
 
 @triton.jit
+def _dh_pre(x_ptr, gin_ptr, ghpre_ptr, m, M, C, n: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):
+    """dH_pre = x . g_in (+ any gradient H_pre itself received), [BM, NP]: a pass over x and g_in."""
+    q = tl.arange(0, NP)
+    dH_pre = tl.load(ghpre_ptr + m[:, None] * n + q[None, :], mask=(m[:, None] < M) & (q[None, :] < n), other=0.0)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
+        g = tl.load(gin_ptr + m[:, None] * C + c[None, :], mask=(m[:, None] < M) & (c[None, :] < C), other=0.0).to(tl.float32)
+        dH_pre += tl.sum(x * g[:, None, :], axis=2)
+    return dH_pre
+
+
+@triton.jit
 def _pre_bwd_coefs(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, ghres_ptr, dacc_ptr,
                    dz_ptr, m, M, C, n: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, NR: tl.constexpr,
                    ITERS: tl.constexpr, TP: tl.constexpr, BC: tl.constexpr):
@@ -614,13 +627,7 @@ def _pre_bwd_coefs(x_ptr, phi_ptr, alpha_ptr, b_ptr, h_ptr, r_ptr, gin_ptr, ghpr
     h_res = tl.load(h_ptr + offs_res, mask=cell, other=0.0)
     r = tl.load(r_ptr + m, mask=m < M, other=1.0)
     H_pre, H_post, L, valid = _mhc_maps(h_pre, h_post, h_res, alpha_ptr, b_ptr, m, M, n, NP)
-    # dH_pre = x . g_in (+ any gradient H_pre itself received): a pass over x and g_in
-    dH_pre = tl.load(ghpre_ptr + m[:, None] * n + q[None, :], mask=mq, other=0.0)
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
-        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
-        g = tl.load(gin_ptr + m[:, None] * C + c[None, :], mask=(m[:, None] < M) & (c[None, :] < C), other=0.0).to(tl.float32)
-        dH_pre += tl.sum(x * g[:, None, :], axis=2)
+    dH_pre = _dh_pre(x_ptr, gin_ptr, ghpre_ptr, m, M, C, n, NP, BC)
     # back through Eq. 4 to the gate inputs z = alpha * h + b
     dz_pre = dH_pre * H_pre * (1.0 - H_pre)                                    # sigmoid'
     dz_post = tl.load(ghpost_ptr + m[:, None] * n + q[None, :], mask=mq, other=0.0) * H_post * (1.0 - 0.5 * H_post)
@@ -720,6 +727,14 @@ def _pre_blocks(n, C):
     BM, BK = 16, 32
     BC = min(triton.next_power_of_2(C), 4096 // (BM * NP))  # the read's [BM, NP, BC] tile
     return NP, NR, BM, BK, BC
+
+
+def _post_pre_blocks(n, C):
+    """Tiles of the fused post+pre kernels (mHC and HC): BM = 16 tokens (tl.dot) and half of
+    mhc_pre's channel tile, since each step holds x, y and the n streams' GEMM operands (the
+    sweep in BENCHMARKS.md); NP = n padded."""
+    NP, _, BM, _, BC = _pre_blocks(n, C)
+    return NP, BM, max(16, BC // 2)
 
 
 @torch.library.custom_op("mhc::mhc_pre", mutates_args=())
@@ -841,8 +856,8 @@ def mhc_post_pre(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: 
     out = torch.empty(M, C, dtype=_compute_dtype(x), device=x.device)
     H_pre, H_post2, H_res2 = torch.empty(M, n, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32)
     h, r = torch.empty(M, K, **f32), torch.empty(M, **f32)
-    NP, NR, BM, _, BC = _pre_blocks(n, C)
-    BC = max(16, BC // 2)  # x, y and n GEMM operands per step: a narrower channel tile than mhc_pre's
+    NR = _pre_blocks(n, C)[1]
+    NP, BM, BC = _post_pre_blocks(n, C)
     if M > 0:
         _post_pre_fwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), x_next,
@@ -882,14 +897,15 @@ def mhc_post_pre_bwd(g_next: torch.Tensor, g_in: torch.Tensor, g_pre: torch.Tens
     dx, dy = torch.empty_like(xf), torch.empty_like(yf)
     dres, dpost = torch.empty(M, n, n, **f32), torch.empty(M, n, **f32)
     dacc, dz = torch.empty(M, K, **f32), torch.empty(M, K, **f32)
-    NP, NR, BM, _, BC = _pre_blocks(n, C)
+    NR = _pre_blocks(n, C)[1]
+    NP, BM, BC = _post_pre_blocks(n, C)
     if M > 0:
         _post_pre_bwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), xn,
             *_f32(phi, alpha, b), h.reshape(M, K).contiguous(), r.reshape(M).contiguous(),
             H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res, _flat(g_next, n), dx, dy, dres, dpost, dacc,
-            dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM,
-            BC=max(16, BC // 2), num_warps=PRE_WARPS)
+            dz, M, C, n=n, NP=NP, K=K, NR=NR, ITERS=iters, TP=triton.next_power_of_2(iters), BM=BM, BC=BC,
+            num_warps=PRE_WARPS)
     return (dx.view(x.shape), dy.view(y.shape), dres.view(H_res.shape).to(H_res.dtype),
             dpost.view(H_post.shape).to(H_post.dtype), dacc, dz)
 
@@ -1022,13 +1038,7 @@ def _hc_bwd_coefs(x_ptr, s_ptr, u_ptr, r_ptr, gin_ptr, ghpre_ptr, ghpost_ptr, gh
     q = tl.arange(0, QP)
     mj = (m[:, None] < M) & (j[None, :] < n)
     mjq = mj[:, :, None] & (q[None, None, :] < Q)
-    # dH_pre = x . g_in (+ any gradient H_pre itself received): a pass over x and g_in
-    dH_pre = tl.load(ghpre_ptr + m[:, None] * n + j[None, :], mask=mj, other=0.0)
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
-        x, _, _ = _tile(x_ptr, m, c, M, C, n, NP)
-        g = tl.load(gin_ptr + m[:, None] * C + c[None, :], mask=(m[:, None] < M) & (c[None, :] < C), other=0.0).to(tl.float32)
-        dH_pre += tl.sum(x * g[:, None, :], axis=2)
+    dH_pre = _dh_pre(x_ptr, gin_ptr, ghpre_ptr, m, M, C, n, NP, BC)
     tl.store(dhpre_ptr + m[:, None] * n + j[None, :], dH_pre, mask=mj)
     # gradient of d = tanh(u) per stream: [s_pre dH_pre, s_post dH_post, s_res dH_res[:, j]]
     s_pre, s_post, s_res = tl.load(s_ptr), tl.load(s_ptr + 1), tl.load(s_ptr + 2)
@@ -1149,7 +1159,8 @@ def hc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g_
                W: torch.Tensor, s: torch.Tensor, u: torch.Tensor, r: torch.Tensor, H_pre: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dH_pre, dacc): the stream's gradient, and per token the full gradient of H_pre and of
-    the per-stream projections acc = x_j . W (reduced over tokens by the caller: dW, ds, db)."""
+    the per-stream projections acc = x_j . W (reduced over tokens by _hc_reductions). The g_* are
+    as _pre_grads makes them."""
     n, C = x.shape[-2:]
     Q = n + 2
     xf = _flat(x, n)
@@ -1157,11 +1168,10 @@ def hc_pre_bwd(g_in: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor, g_
     f32 = dict(dtype=torch.float32, device=x.device)
     dx, dH_pre, dacc = torch.empty_like(xf), torch.empty(M, n, **f32), torch.empty(M, n, Q, **f32)
     NP, QP, BM, BC = _hc_blocks(n, C)
-    flat = lambda t, *shape: t.reshape(M, *shape).float().contiguous()
     if M > 0:
         _hc_pre_bwd_kernel[(triton.cdiv(M, BM),)](
-            xf, *_f32(W, s), flat(u, n, Q), flat(r, n), flat(H_pre, n),
-            g_in.reshape(M, C).contiguous(), flat(g_pre, n), flat(g_post, n), flat(g_res, n, n), dx, dH_pre, dacc,
+            xf, *_f32(W, s), u.reshape(M, n, Q).contiguous(), r.reshape(M, n).contiguous(),
+            H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res, dx, dH_pre, dacc,
             M, C, n=n, NP=NP, Q=Q, QP=QP, BM=BM, BC=BC, num_warps=PRE_WARPS)
     return dx.view(x.shape), dH_pre, dacc
 
@@ -1218,12 +1228,12 @@ def hc_post_pre(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: t
     out = torch.empty(M, C, dtype=_compute_dtype(x), device=x.device)
     H_pre, H_post2, H_res2 = torch.empty(M, n, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32)
     u, r = torch.empty(M, n, Q, **f32), torch.empty(M, n, **f32)
-    NP, _, BM, _, BC = _pre_blocks(n, C)  # 16 tokens for tl.dot; the channel tile of mhc_post_pre
+    NP, BM, BC = _post_pre_blocks(n, C)
     if M > 0:
         _hc_post_pre_fwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), x_next,
             *_f32(W, s, b), out, H_pre, H_post2, H_res2, u, r,
-            M, C, n=n, NP=NP, Q=Q, QP=_hc_blocks(n, C)[1], BM=BM, BC=max(16, BC // 2), num_warps=PRE_WARPS)
+            M, C, n=n, NP=NP, Q=Q, QP=_hc_blocks(n, C)[1], BM=BM, BC=BC, num_warps=PRE_WARPS)
     lead = x.shape[:-2]
     return (x_next.view(x.shape), out.view(*lead, C), H_pre.view(*lead, n), H_post2.view(*lead, n),
             H_res2.view(*lead, n, n), u.view(*lead, n, Q), r.view(*lead, n))
@@ -1250,14 +1260,14 @@ def hc_post_pre_bwd(g_next: torch.Tensor, g_in: torch.Tensor, g_pre: torch.Tenso
     dx, dy = torch.empty_like(xf), torch.empty_like(yf)
     dres, dpost = torch.empty(M, n, n, **f32), torch.empty(M, n, **f32)
     dH_pre, dacc = torch.empty(M, n, **f32), torch.empty(M, n, Q, **f32)
-    NP, _, BM, _, BC = _pre_blocks(n, C)
+    NP, BM, BC = _post_pre_blocks(n, C)
     if M > 0:
         _hc_post_pre_bwd_kernel[(triton.cdiv(M, BM),)](
             xf, yf, H_res.reshape(M, n, n).float().contiguous(), H_post.reshape(M, n).float().contiguous(), xn,
             *_f32(W, s), u.reshape(M, n, Q).contiguous(),
             r.reshape(M, n).contiguous(), H_pre.reshape(M, n).contiguous(), g_in, g_pre, g_post, g_res,
             _flat(g_next, n), dx, dy, dres, dpost, dH_pre, dacc, M, C, n=n, NP=NP, Q=Q, QP=_hc_blocks(n, C)[1],
-            BM=BM, BC=max(16, BC // 2), num_warps=PRE_WARPS)
+            BM=BM, BC=BC, num_warps=PRE_WARPS)
     return (dx.view(x.shape), dy.view(y.shape), dres.view(H_res.shape).to(H_res.dtype),
             dpost.view(H_post.shape).to(H_post.dtype), dH_pre, dacc)
 
