@@ -121,81 +121,15 @@ def bench_kernels(c, device):
             lambda f: fwd_bwd(f.stream_post, [x, y, h_res, h_post], [torch.ones(M, n, C, device=device)]),
             3 * xb + 2 * yb + 2 * cb)]
 
-    # the whole mHC pre step: Eqs. 2-4 (projection, RMS, gates, Sinkhorn) and H_pre . x
-    conn = mhc.ManifoldHyperConnection(n, C, layer_id=0).to(device)
-    params = [conn.phi, conn.alpha, conn.b]
-
-    def torch_pre(x, *params):
-        H_pre, H_post, H_res = conn.maps(x)
-        return mhc.stream_pre(x, H_pre), H_post, H_res
-
-    grads = [torch.ones(M, C, device=device), torch.ones(M, n, device=device), torch.ones(M, n, n, device=device)]
-    ops.append(("mhc pre step", lambda f: (lambda: f.mhc_pre_step(x, *params)), xb + M * C * 4 + cb,
-                lambda f: fwd_bwd(f.mhc_pre_step, [x, *params], grads), 2 * xb + M * C * 4 + cb))
-
-    # the same for HC: its per-stream maps and H_pre . x
-    hc = mhc.HyperConnection(n, C, layer_id=0).to(device)
-    hc_params = [hc.W, hc.s, hc.b]
-
-    def torch_hc_pre(x, *params):
-        H_pre, H_post, H_res = hc.maps(x)
-        return mhc.stream_pre(x, H_pre), H_post, H_res
-
-    hc_bytes = M * (n * n + 2 * n) * 4 + M * n * (n + 3) * 4  # the maps, and u, r for the backward
-    ops.append(("hc pre step", lambda f: (lambda: f.hc_pre_step(x, *hc_params)), xb + M * C * 4 + hc_bytes,
-                lambda f: fwd_bwd(f.hc_pre_step, [x, *hc_params], grads), 2 * xb + M * C * 4 + hc_bytes))
-
-    # sublayer k's write fused with sublayer k+1's pre step (the fused path of model.py); bytes:
-    # the write's, the new stream written once, and the pre step's without its read of the stream
-    def torch_mhc_post_pre(x, y, h_res, h_post, *params):
-        x_next = mhc.stream_post(x, y, h_res, h_post)
-        return (x_next, *torch_pre(x_next, *params))
-
-    def torch_hc_post_pre(x, y, h_res, h_post, *params):
-        x_next = mhc.stream_post(x, y, h_res, h_post)
-        return (x_next, *torch_hc_pre(x_next, *params))
-
-    pp_grads = [torch.ones(M, n, C, device=device)] + grads
-    mpp, hpp = [x, y, h_res, h_post, *params], [x, y, h_res, h_post, *hc_params]
-    ops.append(("mhc post+pre step", lambda f: (lambda: f.mhc_post_pre_step(*mpp)), 2 * xb + yb + M * C * 4 + 2 * cb,
-                lambda f: fwd_bwd(f.mhc_post_pre_step, mpp, pp_grads), 4 * xb + 2 * yb + M * C * 4 + 2 * cb))
-    ops.append(("hc post+pre step", lambda f: (lambda: f.hc_post_pre_step(*hpp)), 2 * xb + yb + M * C * 4 + cb + hc_bytes,
-                lambda f: fwd_bwd(f.hc_post_pre_step, hpp, pp_grads), 4 * xb + 2 * yb + M * C * 4 + cb + hc_bytes))
-
     class Eager:
-        stream_pre, stream_post, mhc_pre_step, hc_pre_step = mhc.stream_pre, mhc.stream_post, torch_pre, torch_hc_pre
-        mhc_post_pre_step, hc_post_pre_step = torch_mhc_post_pre, torch_hc_post_pre
+        stream_pre, stream_post = mhc.stream_pre, mhc.stream_post
 
     class Compiled:
         stream_pre = torch.compile(mhc.stream_pre) if c["compile"] else None
         stream_post = torch.compile(mhc.stream_post) if c["compile"] else None
-        mhc_pre_step = torch.compile(torch_pre) if c["compile"] else None
-        hc_pre_step = torch.compile(torch_hc_pre) if c["compile"] else None
-        mhc_post_pre_step = torch.compile(torch_mhc_post_pre) if c["compile"] else None
-        hc_post_pre_step = torch.compile(torch_hc_post_pre) if c["compile"] else None
 
     class Triton:
         stream_pre, stream_post = (K.stream_pre, K.stream_post) if K else (None, None)
-
-        @staticmethod
-        def mhc_pre_step(x, *params):
-            layer_in, _, H_post, H_res, _, _ = K.mhc_pre(x, *params, conn.sinkhorn_iters)
-            return layer_in, H_post, H_res
-
-        @staticmethod
-        def mhc_post_pre_step(x, y, h_res, h_post, *params):
-            x_next, layer_in, _, H_post, H_res, _, _ = K.mhc_post_pre(x, y, h_res, h_post, *params, conn.sinkhorn_iters)
-            return x_next, layer_in, H_post, H_res
-
-        @staticmethod
-        def hc_pre_step(x, *params):
-            layer_in, _, H_post, H_res, _, _ = K.hc_pre(x, *params)
-            return layer_in, H_post, H_res
-
-        @staticmethod
-        def hc_post_pre_step(*inputs):
-            x_next, layer_in, _, H_post, H_res, _, _ = K.hc_post_pre(*inputs)
-            return x_next, layer_in, H_post, H_res
 
     impls = [("torch eager", Eager)] + ([("torch.compile", Compiled)] if c["compile"] else []) + ([("triton", Triton)] if K else [])
     for name, make_fwd, fbytes, make_bwd, bbytes in ops:
@@ -213,31 +147,29 @@ def bench_e2e(c, device):
     ctx = torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False)
     shape = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                  bias=False, n_streams=c["n_streams"])
-    # (residual, kernel, compiled, recompute, stream dtype, fuse); Triton HC / mHC without
-    # recompute run each sublayer's write fused with the next one's pre step unless fuse=False
+    # (residual, kernel, compiled, recompute, stream dtype)
     cc = c["compile"]
-    runs = [("residual", "torch", cc, False, "float32", True), ("hc", "torch", False, False, "float32", True),
-            ("mhc", "torch", False, False, "float32", True)]
+    runs = [("residual", "torch", cc, False, "float32"), ("hc", "torch", False, False, "float32"),
+            ("mhc", "torch", False, False, "float32")]
     if c["compiled_torch_mhc"]:
-        runs.append(("mhc", "torch", True, False, "float32", True))
+        runs.append(("mhc", "torch", True, False, "float32"))
     if triton_kernels(device):
-        runs += [("hc", "triton", cc, False, "float32", True), ("mhc", "triton", cc, False, "float32", True),
-                 ("mhc", "triton", cc, False, "float32", False), ("mhc", "triton", cc, False, "bfloat16", True),
-                 ("hc", "triton", cc, False, "bfloat16", True), ("mhc", "triton", cc, True, "float32", True),
-                 ("mhc", "triton", cc, True, "bfloat16", True)]
+        runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32"),
+                 ("mhc", "triton", cc, False, "bfloat16"), ("hc", "triton", cc, False, "bfloat16"),
+                 ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
     tokens = c["batch_size"] * c["block_size"]
     print(f"\nend to end: {c['n_layer']} layers, C={c['n_embd']}, n={c['n_streams']}, "
           f"{c['batch_size']}x{c['block_size']} tokens, {dtype}, AdamW")
     print(f"{'model':<52} {'ms/step':>9} {'tok/s':>10} {'x resid':>8} {'peak GiB':>9} {'x resid':>8} {'1st step s':>10}")
     base = None
-    for residual, kernel, compiled, recompute, stream_dtype, fuse in runs:
+    for residual, kernel, compiled, recompute, stream_dtype in runs:
         torch.manual_seed(0)
         if device == "cuda":
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = GPT(GPTConfig(residual=residual, kernel=kernel, recompute=recompute, stream_dtype=stream_dtype,
-                              fuse=fuse, **shape)).to(device)
+                              **shape)).to(device)
         opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
         step_model = torch.compile(model) if compiled else model
         x = torch.randint(0, 50257, (c["batch_size"], c["block_size"]), device=device)
@@ -260,10 +192,10 @@ def bench_e2e(c, device):
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         base = base or (ms, peak)
         label = (f"{residual}, {kernel}{', compiled' if compiled else ', eager'}{', recompute' if recompute else ''}"
-                 f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}{', unfused' if not fuse else ''}")
+                 f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}")
         print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
               f"{peak / base[1]:7.2f}x {first:10.1f}")
-        if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute and fuse:
+        if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute:
             profile_steps(step, label)
         del model, opt, step_model
 
@@ -329,34 +261,6 @@ def ptxas_report():
         NP, BM, BC = sk._stream_blocks(n, 768, elems=1024)
         report(f"stream_post bwd n={n} C=768", sk._post_bwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr",
                "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, NP=NP, BM=BM, BC=BC))
-        NP, NR, BM, BK, BC = sk._pre_blocks(n, 768)
-        c = dict(n=n, NP=NP, K=2 * n + n * n, NR=NR, ITERS=20, BM=BM, BK=BK, BC=BC)
-        report(f"mhc_pre fwd n={n} C=768", sk._mhc_pre_fwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr",
-               "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"], c, warps=sk.PRE_WARPS)
-        report(f"mhc_pre bwd n={n} C=768", sk._mhc_pre_bwd_kernel, ["x_ptr", "phi_ptr", "alpha_ptr", "b_ptr", "h_ptr", "r_ptr",
-               "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "dx_ptr", "dacc_ptr", "dz_ptr"],
-               c | dict(TP=32), warps=sk.PRE_WARPS)
-        c_hc = dict(zip(("NP", "QP", "BM", "BC"), sk._hc_blocks(n, 768)), n=n, Q=n + 2)
-        report(f"hc_pre fwd n={n} C=768", sk._hc_pre_fwd_kernel, ["x_ptr", "W_ptr", "s_ptr", "b_ptr", "out_ptr", "hpre_ptr",
-               "hpost_ptr", "hres_ptr", "u_ptr", "r_ptr"], c_hc, warps=sk.PRE_WARPS)
-        report(f"hc_pre bwd n={n} C=768", sk._hc_pre_bwd_kernel, ["x_ptr", "W_ptr", "s_ptr", "u_ptr", "r_ptr", "hpre_ptr",
-               "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr", "dx_ptr", "dhpre_ptr", "dacc_ptr"], c_hc, warps=sk.PRE_WARPS)
-        pp = dict(zip(("NP", "BM", "BC"), sk._post_pre_blocks(n, 768)))  # the post+pre kernels' tiles
-        c_hc_pp = c_hc | pp
-        report(f"hc post+pre fwd n={n} C=768", sk._hc_post_pre_fwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr",
-               "xn_ptr", "W_ptr", "s_ptr", "b_ptr", "out_ptr", "hpre_ptr", "hpost_ptr", "hres_ptr", "u_ptr", "r_ptr"],
-               c_hc_pp, warps=sk.PRE_WARPS)
-        report(f"hc post+pre bwd n={n} C=768", sk._hc_post_pre_bwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr",
-               "xn_ptr", "W_ptr", "s_ptr", "u_ptr", "r_ptr", "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr", "ghres_ptr",
-               "gnext_ptr", "dx_ptr", "dy_ptr", "dhres0_ptr", "dhpost0_ptr", "dhpre_ptr", "dacc_ptr"], c_hc_pp,
-               warps=sk.PRE_WARPS)
-        report(f"post+pre fwd n={n} C=768", sk._post_pre_fwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr", "xn_ptr",
-               "phi_ptr", "alpha_ptr", "b_ptr", "out_ptr", "hpre_ptr", "hpost_ptr", "hres_ptr", "h_ptr", "r_ptr"],
-               {k: v for k, v in c.items() if k != "BK"} | pp, warps=sk.PRE_WARPS)
-        report(f"post+pre bwd n={n} C=768", sk._post_pre_bwd_kernel, ["x_ptr", "y_ptr", "hres0_ptr", "hpost0_ptr", "xn_ptr",
-               "phi_ptr", "alpha_ptr", "b_ptr", "h_ptr", "r_ptr", "hpre_ptr", "gin_ptr", "ghpre_ptr", "ghpost_ptr",
-               "ghres_ptr", "gnext_ptr", "dx_ptr", "dy_ptr", "dhres0_ptr", "dhpost0_ptr", "dacc_ptr", "dz_ptr"],
-               {k: v for k, v in c.items() if k != "BK"} | pp | dict(TP=32), warps=sk.PRE_WARPS)
 
 
 def main(argv):

@@ -22,6 +22,7 @@ Stream tensors are laid out as [..., n, C] (e.g. [B, T, n, C]).
 import itertools
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -36,17 +37,21 @@ RESIDUAL_MODES = ("residual", "hc", "mhc", "mhc_lite")
 KERNELS = ("auto", "triton", "torch")
 
 
-def use_triton(kernel, x):
-    """kernel="torch": this file's reference code; "triton": sinkhorn_kernel.py; "auto": Triton
-    on CUDA tensors, the reference elsewhere."""
+def ops(kernel, x):
+    """The one place that picks the code for Sinkhorn and the stream read/write: this file's
+    reference (kernel="torch"), sinkhorn_kernel.py's Triton kernels ("triton"), or "auto": Triton
+    on CUDA tensors, the reference elsewhere. Everything else (the maps' projection, norms and
+    gates) is plain PyTorch on either path, which torch.compile fuses well."""
     if kernel == "torch" or (kernel == "auto" and not (x.is_cuda and triton_kernels is not None)):
-        return False
+        return sys.modules[__name__]
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not known; use one of {', '.join(KERNELS)}")
     if triton_kernels is None:
         raise RuntimeError("kernel='triton' but Triton is not installed: pip install triton, or use kernel='torch'")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("kernel='triton' needs a CUDA GPU; use kernel='torch' on the CPU "
                            "(or set TRITON_INTERPRET=1 to run the kernels, slowly, in Triton's interpreter)")
-    return True
+    return triton_kernels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +63,8 @@ def sinkhorn(logits, iters=20):
     M_0 = exp(logits); each iteration divides every column by its sum (T_c), then every row by
     its sum (T_r): M_t = T_r(T_c(M_{t-1})). Ending on the rows makes every row sum to exactly 1,
     so with x_next = H_res . x each output stream is a convex combination of the input streams.
-    The columns sum to 1 only approximately (closely for small logits; see SPEC.md).
+    The columns sum to 1 only approximately: closely for small logits (about 1e-3 off for random
+    4x4 logits of scale 1), far less for large ones, which is the 20-step function, not a bug.
 
     We run the same iterations in the log domain (subtracting a logsumexp is dividing by a sum),
     which is the same function in exact arithmetic but cannot overflow (exp(100) is inf in fp32)
@@ -107,8 +113,6 @@ class Connection(nn.Module):
 
     def __init__(self, n, C, kernel="torch", res_mixing=True):
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel={kernel!r} is not known; use one of {', '.join(KERNELS)}")
         self.n, self.C, self.kernel, self.res_mixing = n, C, kernel, res_mixing
 
     def learnable(self, name, value, dynamic):
@@ -123,24 +127,10 @@ class Connection(nn.Module):
         return H_res if self.res_mixing else torch.eye(self.n, dtype=H_res.dtype, device=H_res.device).expand_as(H_res)
 
     def forward(self, x, sublayer):
-        if use_triton(self.kernel, x):
-            layer_in, H_post, H_res = self.fused_pre(x)
-            return triton_kernels.stream_post(x, sublayer(layer_in), H_res, H_post)
+        f = ops(self.kernel, x)  # stream_pre / stream_post: this file's, or the Triton kernels
         H_pre, H_post, H_res = self.maps(x)
-        y = sublayer(stream_pre(x, H_pre))
-        return stream_post(x, y, H_res, H_post)
-
-    def fused_pre(self, x):
-        """The Triton path's (H_pre . x, H_post, H_res): here the maps, then the read kernel;
-        HC and mHC do it all in one kernel."""
-        H_pre, H_post, H_res = self.maps(x)
-        return triton_kernels.stream_pre(x, H_pre), H_post, H_res
-
-    def fused_post_pre(self, x, y, H_res, H_post):
-        """The previous sublayer's write x_next = H_res x + H_post^T y, then this fused_pre:
-        (x_next, H_pre . x_next, H_post, H_res). HC and mHC do both in one kernel (run_fused)."""
-        x = triton_kernels.stream_post(x, y, H_res, H_post)
-        return (x, *self.fused_pre(x))
+        y = sublayer(f.stream_pre(x, H_pre))
+        return f.stream_post(x, y, H_res, H_post)
 
 
 class HyperConnection(Connection):
@@ -170,16 +160,6 @@ class HyperConnection(Connection):
             H_post = b_post + self.s[1] * d[..., 1]
             H_res = b_res.view(n, n) + self.s[2] * d[..., 2:].transpose(-1, -2)  # H_res[i, j] from stream j
         return H_pre, H_post, self.mixing(H_res)
-
-    def fused_pre(self, x):
-        # the maps and H_pre . x in one kernel that reads the stream once (sinkhorn_kernel.hc_pre)
-        layer_in, _, H_post, H_res, _, _ = triton_kernels.hc_pre(x, self.W, self.s, self.b)
-        return layer_in, H_post, self.mixing(H_res)
-
-    def fused_post_pre(self, x, y, H_res, H_post):
-        # the previous sublayer's write and this fused_pre in one kernel (see run_fused)
-        x, layer_in, _, H_post, H_res, _, _ = triton_kernels.hc_post_pre(x, y, H_res, H_post, self.W, self.s, self.b)
-        return x, layer_in, H_post, self.mixing(H_res)
 
 
 class ManifoldHyperConnection(Connection):
@@ -225,8 +205,7 @@ class ManifoldHyperConnection(Connection):
 
     def res_map(self, logits, x):
         """Eq. 4's H_res from the gated logits [..., n*n]: the Sinkhorn projection."""
-        project = triton_kernels.sinkhorn if use_triton(self.kernel, x) else sinkhorn
-        return project(logits.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
+        return ops(self.kernel, x).sinkhorn(logits.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
 
     def maps(self, x):
         n = self.n
@@ -239,17 +218,6 @@ class ManifoldHyperConnection(Connection):
             H_post = 2 * torch.sigmoid(self.alpha[1] * h_post + b_post)
             H_res = self.res_map(self.alpha[2] * h_res + b_res, x)
         return H_pre, H_post, self.mixing(H_res)
-
-    def fused_pre(self, x):
-        # Eqs. 2-4 and H_pre . x in one kernel that reads the stream once (sinkhorn_kernel.mhc_pre)
-        layer_in, _, H_post, H_res, _, _ = triton_kernels.mhc_pre(x, self.phi, self.alpha, self.b, self.sinkhorn_iters)
-        return layer_in, H_post, self.mixing(H_res)
-
-    def fused_post_pre(self, x, y, H_res, H_post):
-        # the previous sublayer's write and this fused_pre in one kernel (see run_fused)
-        x, layer_in, _, H_post, H_res, _, _ = triton_kernels.mhc_post_pre(x, y, H_res, H_post, self.phi, self.alpha,
-                                                                         self.b, self.sinkhorn_iters)
-        return x, layer_in, H_post, self.mixing(H_res)
 
 
 class ManifoldHyperConnectionLite(ManifoldHyperConnection):
@@ -279,22 +247,6 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
 
     def res_map(self, logits, x):
         return torch.einsum("...r,rij->...ij", torch.softmax(logits, dim=-1), self.P)
-
-    # its maps, then the read kernel (mhc_pre and mhc_post_pre know only Sinkhorn)
-    fused_pre, fused_post_pre = Connection.fused_pre, Connection.fused_post_pre
-
-
-def run_fused(x, steps):
-    """HC or mHC on the Triton path, every sublayer in depth order, with sublayer k's write and
-    sublayer k+1's pre step in one kernel (fused_post_pre: the new stream is projected as it is
-    written, not read back for it). steps: [(connection, sublayer), ...]. The same function as
-    calling each connection."""
-    layer_in, H_post, H_res = steps[0][0].fused_pre(x)
-    for k, (_, sublayer) in enumerate(steps):
-        y = sublayer(layer_in)
-        if k + 1 == len(steps):
-            return triton_kernels.stream_post(x, y, H_res, H_post)
-        x, layer_in, H_post, H_res = steps[k + 1][0].fused_post_pre(x, y, H_res, H_post)
 
 
 def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch", dynamic=True,

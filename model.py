@@ -35,7 +35,6 @@ class GPTConfig:
     stream_dtype: str = "float32"  # HC/mHC: how the n-stream state is stored: "float32" or "bfloat16"
     dynamic: bool = True      # ablation: False keeps only the static (bias) part of every map
     res_mixing: bool = True   # ablation: False fixes H_res = I (the streams never mix)
-    fuse: bool = True         # HC/mHC on Triton: fuse each sublayer's write with the next one's read
 
     def __post_init__(self):
         if self.residual not in mhc.RESIDUAL_MODES:
@@ -104,12 +103,14 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-# What recompute=True keeps: the outputs of the matmuls and of attention (costly to redo).
-# Everything else inside a block (the connections' streams and maps, norms, GELU) is recomputed
-# in the backward, so a block stores one n-stream state, its input, instead of one per sublayer.
+# What recompute=True keeps: the outputs of the matmuls and of attention (costly to redo), and
+# of dropout (its mask: a recomputation that skips the saved attention, which draws random
+# numbers on a GPU, would draw different masks). Everything else inside a block (the
+# connections' streams and maps, norms, GELU) is recomputed in the backward, so a block stores
+# one n-stream state, its input, instead of one per sublayer.
 _KEEP = {getattr(torch.ops.aten, name).default for name in (
     "mm", "addmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu", "native_dropout")
     if hasattr(torch.ops.aten, name)}
 
 
@@ -211,11 +212,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         if self.config.residual != "residual":
             x = mhc.expand_streams(x, self.config.n_streams, getattr(torch, self.config.stream_dtype))  # [B, T, n, C]
-        if self.fused(x):
-            x = mhc.run_fused(x, [step for block in self.transformer.h for step in block.sublayers()])
-        else:
-            for block in self.transformer.h:
-                x = block(x)
+        for block in self.transformer.h:
+            x = block(x)
         if self.config.residual != "residual":
             x = mhc.reduce_streams(x)                            # [B, T, C]
         x = self.transformer.ln_f(x)
@@ -226,14 +224,6 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
             loss = None
         return logits, loss
-
-    def fused(self, x):
-        """Whether the sublayers run through mhc.run_fused: HC or mHC (not -lite) on the Triton path, in
-        training (no_grad calls, such as evaluation and mixing_matrices' hooks, take the
-        per-connection path), without recompute (which works block by block)."""
-        cfg = self.config
-        return (cfg.fuse and cfg.residual in ("hc", "mhc") and not cfg.recompute and torch.is_grad_enabled()
-                and mhc.use_triton(cfg.kernel, x))
 
     @torch.no_grad()
     def mixing_matrices(self, idx):

@@ -445,79 +445,9 @@ def off_init(conn):
 
 
 @needs_triton
-@pytest.mark.parametrize("n,C,M", [(1, 9, 3), (2, 40, 4), (3, 10, 17), (4, 16, 9), (8, 6, 3)])
-def test_kernel_fused_mhc_pre_step(n, C, M):
-    # the whole pre step (Eqs. 2-4 and H_pre . x) against mhc.py in float64, every gradient;
-    # nC spans several projection chunks and M is not a multiple of the token block
-    conn = off_init(mhc.ManifoldHyperConnection(n, C, layer_id=1, sinkhorn_iters=7).double())
-    x = torch.randn(M, n, C, dtype=torch.float64, requires_grad=True)
-    H_pre, H_post, H_res = conn.maps(x)
-    ref = (mhc.stream_pre(x, H_pre), H_pre, H_post, H_res)
-    weights = [torch.randn_like(t) for t in ref]
-    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), [x, conn.phi, conn.alpha, conn.b])
-    ours = [t.detach().float().to(DEVICE).requires_grad_() for t in (x, conn.phi, conn.alpha, conn.b)]
-    out = triton_kernels.mhc_pre(*ours, 7)
-    grads = torch.autograd.grad(sum((t.double() * w.to(DEVICE)).sum() for t, w in zip(out[:4], weights)), ours)
-    for got, want in zip(out[:4], ref):
-        assert max_rel_err(got.cpu(), want) < 1e-5
-    for got, want in zip(grads, ref_grads):
-        assert max_rel_err(got.cpu(), want) < 1e-5
-
-
-@needs_triton
-@pytest.mark.parametrize("residual", ["mhc", "hc"])
-@pytest.mark.parametrize("n,C,M", [(1, 9, 3), (2, 40, 4), (3, 10, 17), (4, 36, 9), (8, 6, 3)])
-def test_kernel_fused_post_and_next_pre_step(residual, n, C, M):
-    # mhc_post_pre / hc_post_pre (sublayer k's write, then sublayer k+1's pre step on the new
-    # stream) against mhc.py in float64, every output and every gradient, x_next's own included
-    if residual == "mhc":
-        conn = off_init(mhc.ManifoldHyperConnection(n, C, layer_id=1, sinkhorn_iters=7).double())
-        params, fused = [conn.phi, conn.alpha, conn.b], lambda *a: triton_kernels.mhc_post_pre(*a, 7)
-    else:
-        conn = off_init(mhc.HyperConnection(n, C, layer_id=1).double())
-        params, fused = [conn.W, conn.s, conn.b], triton_kernels.hc_post_pre
-    inputs = [torch.randn(M, n, C), torch.randn(M, C), mhc.sinkhorn(torch.randn(M, n, n), 20), 2 * torch.rand(M, n)]
-    refs = [t.double().requires_grad_() for t in inputs]
-    x_next = mhc.stream_post(*refs)
-    H_pre, H_post, H_res = conn.maps(x_next)
-    ref = (x_next, mhc.stream_pre(x_next, H_pre), H_pre, H_post, H_res)
-    weights = [torch.randn_like(t) for t in ref]
-    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), refs + params)
-    ours = [t.detach().float().to(DEVICE).requires_grad_() for t in refs + params]
-    out = fused(*ours)
-    grads = torch.autograd.grad(sum((t.double() * w.to(DEVICE)).sum() for t, w in zip(out[:5], weights)), ours)
-    for got, want in zip(out[:5], ref):
-        assert max_rel_err(got.cpu(), want) < 1e-5
-    for got, want, name in zip(grads, ref_grads, ["x", "y", "H_res", "H_post", "phi/W", "alpha/s", "b"]):
-        assert max_rel_err(got.cpu(), want) < 1e-5, name
-
-
-@needs_triton
-@pytest.mark.parametrize("n,C,M", [(1, 9, 3), (2, 40, 4), (3, 70, 17), (4, 16, 9), (8, 6, 3)])
-def test_kernel_fused_hc_pre_step(n, C, M):
-    # HC's maps and H_pre . x (sinkhorn_kernel.hc_pre) against mhc.py in float64, every gradient;
-    # C = 70 spans two channel chunks and M = 17 is not a multiple of the token block
-    conn = off_init(mhc.HyperConnection(n, C, layer_id=1).double())
-    x = torch.randn(M, n, C, dtype=torch.float64, requires_grad=True)
-    H_pre, H_post, H_res = conn.maps(x)
-    ref = (mhc.stream_pre(x, H_pre), H_pre, H_post, H_res)
-    weights = [torch.randn_like(t) for t in ref]
-    params = [x, conn.W, conn.s, conn.b]
-    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), params)
-    ours = [t.detach().float().to(DEVICE).requires_grad_() for t in params]
-    out = triton_kernels.hc_pre(*ours)
-    grads = torch.autograd.grad(sum((t.double() * w.to(DEVICE)).sum() for t, w in zip(out[:4], weights)), ours)
-    for got, want in zip(out[:4], ref):
-        assert max_rel_err(got.cpu(), want) < 1e-5
-    for got, want, name in zip(grads, ref_grads, ["x", "W", "s", "b"]):
-        assert max_rel_err(got.cpu(), want) < 1e-5, name
-
-
-@needs_triton
-@pytest.mark.parametrize("residual,options", [("hc", {}), ("hc", dict(fuse=False)), ("mhc", {}), ("mhc_lite", {}),
+@pytest.mark.parametrize("residual,options", [("hc", {}), ("mhc", {}), ("mhc_lite", {}),
                                               ("mhc", dict(dynamic=False)), ("mhc", dict(res_mixing=False)),
-                                              ("hc", dict(stream_dtype="bfloat16")), ("mhc", dict(stream_dtype="bfloat16")),
-                                              ("mhc", dict(fuse=False)), ("mhc", dict(fuse=False, stream_dtype="bfloat16"))])
+                                              ("hc", dict(stream_dtype="bfloat16")), ("mhc", dict(stream_dtype="bfloat16"))])
 def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
     cfg = dict(TINY, n_layer=2, block_size=16, n_streams=3 if residual == "hc" else 4, **options)
     bf16 = options.get("stream_dtype") == "bfloat16"
@@ -560,30 +490,57 @@ def test_model_same_loss_and_gradients_with_triton_and_torch(residual, options):
     assert mean["triton"] < slack * mean["torch"] + 0.005, mean
 
 
+def rel_norm_err(got, ref):
+    """||got - ref|| / ||ref||, in float64 on the reference's device."""
+    ref = ref.double()
+    return ((got.double().to(ref.device) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("stream_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_gpt2_width_model_with_triton_matches_torch_under_bf16_autocast(residual, stream_dtype):
+    # GPT-2 small's width (C = 768, 12 heads, n = 4) with the training's bf16 autocast: the Triton
+    # and PyTorch paths give the same loss and the same gradient for every parameter. Both round
+    # the sublayers to bf16 (8-bit mantissa) at slightly different points, so each is held to the
+    # float32 model it approximates, next to the other: every gradient of the Triton path within
+    # 3x the PyTorch path's distance to it plus 2% (norm-wise; bf16 alone puts both 0.3-6% off,
+    # a wrong gradient is 100% off), and on average as close. The CPU interpreter truncates
+    # fp32 -> bf16 where a GPU rounds to nearest, which makes its Triton path noisier: more slack.
+    cfg = dict(n_layer=2, n_head=12, n_embd=768, block_size=64, vocab_size=50304, residual=residual,
+               stream_dtype=stream_dtype)
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(kernel="torch", **dict(cfg, stream_dtype="float32"))).to(DEVICE)
+    with torch.no_grad():  # off the init, so that every map's gradient path matters
+        torch.manual_seed(1)
+        for conn in ref.connections():
+            for p in conn.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+    idx = torch.randint(0, 50257, (2, 64), device=DEVICE)
+    losses, grads = {}, {}
+    for name, kernel, autocast in (("fp32", "torch", False), ("torch", "torch", True), ("triton", "triton", True)):
+        model = GPT(GPTConfig(kernel=kernel, **(cfg if autocast else dict(cfg, stream_dtype="float32")))).to(DEVICE)
+        model.load_state_dict(ref.state_dict())
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            _, loss = model(idx, idx)
+        loss.backward()
+        losses[name], grads[name] = loss.item(), {k: p.grad for k, p in model.named_parameters()}
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=2e-3)
+    assert losses["triton"] == pytest.approx(losses["fp32"], rel=1e-2)
+    errs = {k: {p: rel_norm_err(grads[k][p], g) for p, g in grads["fp32"].items()} for k in ("torch", "triton")}
+    for p, err in errs["triton"].items():
+        assert err < 3 * errs["torch"][p] + 0.02, (p, err, errs["torch"][p])
+    mean = {k: sum(e.values()) / len(e) for k, e in errs.items()}
+    slack = 4 if os.environ.get("TRITON_INTERPRET") == "1" else 1.5
+    assert mean["triton"] < slack * mean["torch"] + 0.002, mean
+
+
 @needs_triton
 @pytest.mark.parametrize("residual", ["mhc", "hc"])
-def test_fused_cross_sublayer_path_equals_the_unfused_one(residual):
-    # sublayer k's write fused with sublayer k+1's pre step, against the two kernels one by one
-    torch.manual_seed(0)
-    cfg = dict(TINY, n_layer=2, block_size=16, residual=residual, kernel="triton")
-    fused, unfused = GPT(GPTConfig(**cfg)).to(DEVICE), GPT(GPTConfig(**cfg, fuse=False)).to(DEVICE)
-    unfused.load_state_dict(fused.state_dict())
-    idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
-    assert fused.fused(fused.transformer.wte(idx)) and not unfused.fused(idx)
-    (_, a), (_, b) = fused(idx, idx), unfused(idx, idx)
-    a.backward()
-    b.backward()
-    assert a.item() == pytest.approx(b.item(), rel=1e-6)
-    for (name, p), q in zip(unfused.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
-
-
-@needs_triton
-@pytest.mark.parametrize("residual,fuse", [("mhc", True), ("mhc", False), ("hc", True), ("hc", False)])
-def test_whole_triton_model_compiles_without_graph_breaks(residual, fuse):
+def test_whole_triton_model_compiles_without_graph_breaks(residual):
     # dynamo + AOTAutograd capture the whole HC / mHC model, every custom op opaque (fullgraph=True)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**dict(TINY, n_layer=2, block_size=16), residual=residual, kernel="triton", fuse=fuse)).to(DEVICE)
+    model = GPT(GPTConfig(**dict(TINY, n_layer=2, block_size=16), residual=residual, kernel="triton")).to(DEVICE)
     idx = torch.randint(0, 50257, (2, 16), device=DEVICE)
     _, ref = model(idx, idx)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
@@ -624,8 +581,6 @@ def test_kernels_are_opaque_to_torch_compile():
     x = torch.randn(5, 4, 8, device=DEVICE, requires_grad=True)
     h = torch.rand(5, 4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.mhc.stream_pre.default, (x, h))
-    hc_args = [torch.randn(8, 6), torch.tensor([0.5, -0.7, 1.3]), torch.randn(4 + 4 + 16)]
-    torch.library.opcheck(torch.ops.mhc.hc_pre.default, (x, *[t.to(DEVICE).requires_grad_() for t in hc_args]))
 
     def f(logits, x, y):
         H = triton_kernels.sinkhorn(logits, 5)
@@ -694,6 +649,19 @@ def test_prepare_data_local_text(data_dir):
     assert np.concatenate([train, val]).tolist() == expected  # nothing lost, nothing added
     assert len(val) == round(0.1 * len(expected))
     assert not [f for f in os.listdir(data_dir) if f.endswith(".tmp")]
+
+
+def test_prepare_data_works_offline_whatever_the_tiktoken_cache(tmp_path):
+    # a TIKTOKEN_CACHE_DIR without GPT-2's files (a GPU image's default, say) must not send
+    # tiktoken to the network: the shipped vocabulary is used instead
+    src = tmp_path / "a.txt"
+    src.write_text("To be, or not to be, that is the question.", encoding="utf-8")
+    empty = tmp_path / "cache"
+    empty.mkdir()
+    run("prepare_data.py", f"--input={src}", f"--out_dir={tmp_path / 'bin'}", "--val_fraction=0.5",
+        TIKTOKEN_CACHE_DIR=str(empty), http_proxy="http://0.0.0.0:9", https_proxy="http://0.0.0.0:9")
+    tokens = np.concatenate([np.fromfile(tmp_path / "bin" / f, dtype=np.uint16) for f in ("train.bin", "val.bin")])
+    assert tokens.tolist()[:4] == [2514, 307, 11, 393]  # GPT-2's ids of "To", " be", ",", " or"
 
 
 def test_prepare_data_folder_jsonl_and_xz(tmp_path):
@@ -879,23 +847,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_root, t
 
 
 def test_bench_runs(tmp_path):
-    # bench.py must tell a GPU-less user why it measures nothing, and its CPU smoke version
-    # must run every kernel comparison (times on a CPU interpreter mean nothing; none are checked)
+    # bench.py must tell a GPU-less user why it measures nothing, and its CPU smoke version must
+    # run every kernel comparison (times on a CPU mean nothing; none are checked). On a machine
+    # without a GPU the smoke version runs the Triton kernels in the interpreter, as this file does.
     env = {"CUDA_VISIBLE_DEVICES": ""}
     assert "No CUDA GPU found" in run("bench.py", **env).stdout
-    out = run("bench.py", "--device=cpu", "--only=kernels", TRITON_INTERPRET="1", **env).stdout
-    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "stream_pre", "stream_post", "mhc pre step", "mhc post+pre step",
-               "hc pre step", "hc post+pre step"):
+    out = run("bench.py", "--device=cpu", "--only=kernels", **env).stdout
+    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "stream_pre", "stream_post"):
         assert f"{op}" in out and "GB/s" in out
     if triton_kernels is not None:
-        assert out.count(", triton") == 16
-        # the interpreter accepts code the compiler may not: build every kernel for an H100;
-        # none may spill registers to memory but the fused post+pre backward at n = 8 (24 bytes
-        # per thread; BENCHMARKS.md)
+        assert out.count(", triton") == (8 if os.environ.get("TRITON_INTERPRET") == "1" else 0)
+        # the interpreter accepts code the compiler may not: every kernel must build for an H100
         ptxas = run("bench.py", "--only=ptxas", TRITON_INTERPRET="0").stdout
         rows = [line.split() for line in ptxas.splitlines() if " n=" in line]
-        assert len(rows) == 28 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
-        assert [" ".join(r[:-2]) for r in rows if r[-1] != "0"] == ["post+pre bwd n=8 C=768"]
+        assert len(rows) == 12 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
 
 
 def test_readme_usage_snippet_runs():

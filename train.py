@@ -52,7 +52,6 @@ DEFAULTS = dict(
     stream_dtype="float32",     # HC/mHC: store the n-stream state in "float32" or "bfloat16"
     dynamic=True,               # ablation: False keeps only the static part of the maps
     res_mixing=True,            # ablation: False fixes H_res = I
-    fuse=True,                  # HC/mHC on Triton: fuse each sublayer's write with the next one's read
     # AdamW, cosine schedule with linear warmup
     learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,              # 0 disables clipping (the norm is still logged)
@@ -180,9 +179,9 @@ def main(argv):
         torch.backends.cudnn.allow_tf32 = True
 
     if c["residual"] != "residual":
-        try:  # mhc.use_triton's checks (Triton installed, a GPU or the interpreter), before any data work
-            mhc.use_triton(c["kernel"], torch.empty(0, device=device))
-        except RuntimeError as e:
+        try:  # mhc.ops's checks (a known kernel, Triton installed, a GPU or the interpreter), before any data work
+            mhc.ops(c["kernel"], torch.empty(0, device=device))
+        except (RuntimeError, ValueError) as e:
             die(e)
 
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
@@ -215,7 +214,7 @@ def main(argv):
     torch.manual_seed(c["seed"])  # the same initial weights in every process and every run
     try:
         model = GPT(GPTConfig(**model_args, dropout=c["dropout"], kernel=c["kernel"],
-                              recompute=c["recompute"], fuse=c["fuse"]))
+                              recompute=c["recompute"]))
     except ValueError as e:
         die(e)
     if ckpt is not None:
