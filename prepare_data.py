@@ -27,10 +27,13 @@ SHAKESPEARE_COPY = os.path.join(HERE, "assets", "tinyshakespeare.txt")  # the sa
 
 
 def get_tokenizer():
-    """tiktoken's GPT-2 encoding. tiktoken downloads its vocabulary on first use; when no cache
-    directory is set we point it at the copy shipped in assets/tiktoken, so no network is needed."""
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and "DATA_GYM_CACHE_DIR" not in os.environ:
-        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(HERE, "assets", "tiktoken")
+    """tiktoken's GPT-2 encoding. tiktoken downloads its vocabulary on first use into
+    TIKTOKEN_CACHE_DIR; unless that folder already holds it, we point tiktoken at the copy shipped
+    in assets/tiktoken (the same files), so no network is ever needed."""
+    shipped = os.path.join(HERE, "assets", "tiktoken")
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if not cache or not all(os.path.exists(os.path.join(cache, f)) for f in os.listdir(shipped)):
+        os.environ["TIKTOKEN_CACHE_DIR"] = shipped
     import tiktoken
     return tiktoken.get_encoding("gpt2")
 
