@@ -32,10 +32,14 @@ DEFAULTS = dict(
     device="auto",          # "cpu" runs a tiny smoke version (no meaningful times)
     matrices=393216,        # Sinkhorn: 16k tokens x 24 sublayers
     tokens=16384,           # stream mixing: tokens of one sublayer
-    n_streams=4,
-    n_embd=768, n_layer=12, n_head=12, batch_size=16, block_size=1024,
+    n_streams=4,            # n, the streams of HC and mHC
+    n_embd=768,             # the model of the end-to-end steps: GPT-2 124M by default
+    n_layer=12,
+    n_head=12,
+    batch_size=16,          # sequences per step
+    block_size=1024,        # tokens per sequence
     steps=20,               # timed training steps (after warm-up)
-    compile=True,
+    compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
     profile=False,          # print the CUDA kernel time breakdown of the Triton mHC step
 )

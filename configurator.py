@@ -7,10 +7,14 @@ Each argument is either a config file (Python assignments, applied in order) or 
 A key must already exist in the defaults, and a value must parse as the default's type:
 booleans only from true/false/True/False/1/0 (so --wandb_log=false is never silently True),
 integers as integers, floats as any number. Anything else raises ConfigError with one line.
+--help (or -h) prints the script's docstring and its settings, each with its default and the
+comment written beside it in the script's defaults.
 """
 import ast
 import difflib
 import os
+import re
+import sys
 
 TRUE, FALSE = ("true", "True", "1"), ("false", "False", "0")
 
@@ -61,8 +65,30 @@ def check_type(key, value, default):
     return float(value) if isinstance(default, float) else value
 
 
+def help_text(config, allow_files=True):
+    """The running script's docstring, then every setting with its default and its comment (the
+    `# ...` on the line `key=value,  # ...` of the script's defaults)."""
+    main = sys.modules["__main__"]
+    comments = {}
+    with open(main.__file__, encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"\s*\"?(\w+)\"?\s*[=:][^#]*#\s*(.*)", line)
+            if m and m.group(1) in config:
+                comments.setdefault(m.group(1), m.group(2).strip())
+    usage = "settings: --key=value" + (", or a config file of key = value lines (config/*.py)" if allow_files else "")
+    plain = lambda v: isinstance(v, str) and v and v.isprintable() and " " not in v  # noqa: E731
+    shown = {k: v if plain(v) else repr(v) for k, v in config.items()}  # --out_dir=out, but --start='\n'
+    width = max(len(f"--{k}={v}") for k, v in shown.items())
+    rows = [f"  {f'--{k}={v}':<{width}}  {comments.get(k, '')}".rstrip() for k, v in shown.items()]
+    return "\n".join([(main.__doc__ or "").strip(), "", usage + " (defaults shown):", *rows])
+
+
 def configure(config, argv, allow_files=True):
-    """Update the dict `config` in place from argv; returns the keys that were set."""
+    """Update the dict `config` in place from argv; returns the keys that were set.
+    --help or -h prints help_text and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(config, allow_files))
+        sys.exit(0)
     changed = []
     for arg in argv:
         if not arg.startswith("--"):
@@ -71,7 +97,13 @@ def configure(config, argv, allow_files=True):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg} not found (options are written --key=value)")
             namespace = {}
-            exec(open(arg).read(), {}, namespace)
+            try:
+                with open(arg, encoding="utf-8") as f:
+                    exec(compile(f.read(), arg, "exec"), {}, namespace)
+            except SyntaxError as e:
+                raise ConfigError(f"{arg}, line {e.lineno}: {e.msg} (a config file is Python: key = value lines)")
+            except Exception as e:  # NameError, a bad expression, not UTF-8 ...
+                raise ConfigError(f"{arg}: {type(e).__name__}: {e}")
             for key, value in namespace.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue

@@ -67,8 +67,15 @@ def table(groups):
                      ["| " + " | ".join(row[j] for j in keep) + " |" for row in rows])
 
 
+DEFAULTS = dict(
+    out_dir="assets",       # where the pictures go
+    labels="",              # a label per run, comma-separated ("": the folder names); runs sharing one are seeds
+    prefix="",              # put before each picture's name, e.g. cmp_
+)
+
+
 def main(argv):
-    c = dict(out_dir="assets", labels="", prefix="")
+    c = dict(DEFAULTS)
     runs = [a for a in argv if not a.startswith("--")]
     try:
         configure(c, [a for a in argv if a.startswith("--")], allow_files=False)

@@ -189,9 +189,19 @@ def write_tokens(docs, out_dir, val_fraction, source, num_proc=8, chunk_docs=256
     return meta
 
 
+DEFAULTS = dict(
+    dataset="",             # "shakespeare" or "openwebtext" (give this or --input)
+    input="",               # local text: a file, a folder or a glob (give this or --dataset)
+    out_dir="",             # where train.bin, val.bin and meta.json go ("": data/<name>)
+    val_fraction=-1.0,      # the share of tokens for val.bin (-1: 0.0005 for OpenWebText, 0.1 otherwise)
+    blank_line_docs=False,  # a .txt file holds one document per blank-line-separated block
+    num_proc=8,             # tokenizer processes
+)
+
+
 def main(argv):
     from configurator import configure, ConfigError
-    cfg = dict(dataset="", input="", out_dir="", val_fraction=-1.0, blank_line_docs=False, num_proc=8)
+    cfg = dict(DEFAULTS)
     try:
         configure(cfg, argv, allow_files=False)
     except ConfigError as e:

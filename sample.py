@@ -1,9 +1,11 @@
 """
-Generate text from a trained checkpoint.
+Generate text from a trained checkpoint, printing it as it is sampled (Ctrl-C stops and keeps
+what was printed).
 
     python sample.py --out_dir=out-quick --start="ROMEO:" --num_samples=2 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt      # the prompt from a file
 """
+import codecs
 import os
 import sys
 
@@ -12,18 +14,53 @@ import torch
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 from prepare_data import get_tokenizer
+from train import die, load_checkpoint
 
 DEFAULTS = dict(
     out_dir="out",          # where ckpt.pt is
     start="\n",             # the prompt, or FILE:path to read it from a file
-    num_samples=3,
-    max_new_tokens=200,
-    temperature=0.8,        # < 1 sharper, > 1 more random
+    num_samples=3,          # how many samples, one after another
+    max_new_tokens=200,     # tokens to generate per sample
+    temperature=0.8,        # < 1 sharper, > 1 more random; 0 always takes the most likely token
     top_k=200,              # keep only the top_k most likely tokens (0: all)
-    seed=1337,
-    device="auto",
+    seed=1337,              # the sampling's random seed
+    device="auto",          # "auto", "cpu", "cuda", "cuda:1", ...
     dtype="auto",           # "auto" (bfloat16 on GPUs that have it), "float32", "bfloat16", "float16"
 )
+
+
+def check_settings(c):
+    """The first bad setting as one line, or None."""
+    for key, low in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 0)):
+        if c[key] < low:
+            return f"--{key}={c[key]} must be at least {low}" + (" (0 keeps all tokens)" if key == "top_k" else "")
+    if c["temperature"] < 0:
+        return f"--temperature={c['temperature']} must be 0 or more (0: always the most likely token)"
+    if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        return f"--dtype={c['dtype']} is not known; use auto, float32, bfloat16 or float16"
+    if c["device"] != "auto":
+        try:
+            device = torch.device(c["device"])
+        except RuntimeError:
+            return f"--device={c['device']} is not a device; use auto, cpu, cuda or cuda:N"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return f"--device={c['device']} but PyTorch sees no CUDA GPU; use --device=cpu"
+    return None
+
+
+def read_prompt(start):
+    """--start, or the text of the file that --start=FILE:path names."""
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        die(f"--start={start}: no such file")
+    except UnicodeDecodeError:
+        die(f"--start={start}: the file is not UTF-8 text")
+    except OSError as e:
+        die(f"--start={start}: cannot read it ({e.strerror})")
 
 
 def main(argv):
@@ -31,41 +68,48 @@ def main(argv):
     try:
         configure(c, argv)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        die(e)
+    problem = check_settings(c)
+    if problem:
+        die(problem)
+    prompt = read_prompt(c["start"])
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = c["dtype"]
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        sys.exit(f"error: --dtype={dtype} is not known; use float32, bfloat16 or float16")
 
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
     if not os.path.exists(ckpt_path):
-        sys.exit(f"error: no checkpoint at {ckpt_path}; train one with train.py, or point --out_dir at it")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        die(f"no checkpoint at {ckpt_path}; train one with train.py, or point --out_dir at it")
+    ckpt = load_checkpoint(ckpt_path)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     del ckpt
     model.eval().to(device)
 
     enc = get_tokenizer()
-    start = c["start"]
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
-    ids = enc.encode(start, allowed_special={"<|endoftext|>"})
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     if not ids:
-        sys.exit("error: --start is empty; give a prompt, e.g. --start=\"\\n\"")
+        die("--start is empty; give a prompt, e.g. --start=\"\\n\"")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
 
     torch.manual_seed(c["seed"])
     ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else torch.autocast(device_type, enabled=False)
-    with ctx:
-        for _ in range(c["num_samples"]):
-            y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"] or None)
-            print(enc.decode([t for t in y[0].tolist() if t < enc.n_vocab]))  # padded ids are not text
-            print("---------------")
+    try:
+        with ctx:
+            for _ in range(c["num_samples"]):
+                # bytes in, text out: a character split over two tokens prints once both are in
+                text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                print(enc.decode(ids), end="", flush=True)
+                for t in model.generate_tokens(x, c["max_new_tokens"], c["temperature"], c["top_k"] or None):
+                    if t.item() < enc.n_vocab:  # the padded ids beyond GPT-2's 50257 are not text
+                        print(text.decode(enc.decode_single_token_bytes(t.item())), end="", flush=True)
+                print(text.decode(b"", final=True))
+                print("---------------", flush=True)
+    except KeyboardInterrupt:  # what was printed stays on the screen
+        print("\n(stopped)", flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

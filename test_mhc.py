@@ -25,8 +25,7 @@ needs_triton = pytest.mark.skipif(triton_kernels is None, reason="Triton is not 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAKESPEARE = os.path.join(HERE, "assets", "tinyshakespeare.txt")  # same text as ../shared/data's
-SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+SHAKESPEARE = os.path.join(HERE, "assets", "tinyshakespeare.txt")  # shipped with the project
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304)
 
 
@@ -620,17 +619,12 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def text_source():
-    path = os.path.join(SHARED_DATA, "tinyshakespeare.txt")
-    return path if os.path.exists(path) else SHAKESPEARE
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """200 kB of Shakespeare through prepare_data.py, as a user would prepare local text."""
     root = tmp_path_factory.mktemp("data")
     src = root / "shakespeare.txt"
-    with open(text_source(), encoding="utf-8") as f:
+    with open(SHAKESPEARE, encoding="utf-8") as f:
         src.write_text(f.read(200_000), encoding="utf-8")
     run("prepare_data.py", f"--input={src}", f"--out_dir={root / 'bin'}")
     return root / "bin"
@@ -666,12 +660,8 @@ def test_prepare_data_works_offline_whatever_the_tiktoken_cache(tmp_path):
 
 def test_prepare_data_folder_jsonl_and_xz(tmp_path):
     import lzma
-    wiki = os.path.join(SHARED_DATA, "wiki_en_00.txt.xz")
-    if os.path.exists(wiki):  # a slice of the real Wikipedia text, recompressed
-        with lzma.open(wiki, "rt", encoding="utf-8") as f:
-            articles = f.read(60_000).split("\n\n")[:-1]
-    else:
-        articles = ["First article.\nSome text.", "Second article.\nMore text."]
+    with open(SHAKESPEARE, encoding="utf-8") as f:  # blank-line-separated speeches as documents
+        articles = f.read(60_000).split("\n\n")[:-1]
     src = tmp_path / "src"
     src.mkdir()
     with lzma.open(src / "a.txt.xz", "wt", encoding="utf-8") as f:
@@ -783,6 +773,18 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.1  # it did train
 
 
+def test_ddp_with_fewer_micro_steps_than_processes(data_dir, tmp_path):
+    # gradient_accumulation_steps=1 on 2 processes: each takes one micro-step, and it says so
+    args = [f"--data_dir={data_dir}", *TRAIN_ARGS, "--max_iters=2", "--eval_interval=2", "--log_interval=1",
+            "--residual=residual", "--gradient_accumulation_steps=1", f"--out_dir={tmp_path / 'two'}"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "each process takes 1 micro-step(s), 2 a step in all" in p.stdout
+    assert f"{2 * 8 * 64:,} tokens per step" in p.stdout and read_log(tmp_path / "two")[-1]["iter"] == 2
+
+
 def test_sample_prints_text(data_dir, tmp_root):
     out, _ = train_once(data_dir, tmp_root, "mhc")
     p = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=12",
@@ -825,7 +827,7 @@ def test_train_bad_input(data_dir, tmp_root, tmp_path):
     assert_clean_error(run("train.py", *base, "--n_streams=0", f"--out_dir={tmp_path}/x", ok=False), "n_streams")
     assert_clean_error(run("train.py", *base, "config/missing.py", ok=False), "config/missing.py")
     assert_clean_error(run("train.py", *base, f"--out_dir={tmp_path}/new", "--init_from=resume", ok=False),
-                       "no checkpoint")
+                       "there is none at")
     # a checkpoint from another config, and a new run over an old checkpoint: refused, kept
     before = (out / "ckpt.pt").read_bytes()
     assert_clean_error(run("train.py", *base, f"--out_dir={out}", "--residual=hc", "--init_from=resume", ok=False),
@@ -833,6 +835,168 @@ def test_train_bad_input(data_dir, tmp_root, tmp_path):
     assert_clean_error(run("train.py", *base, f"--out_dir={out}", "--residual=mhc", ok=False),
                        "already exists", "--init_from=resume")
     assert (out / "ckpt.pt").read_bytes() == before
+
+
+def stops_with(main, args, capsys):
+    """Run a script's main() in this process on bad input: the one 'error:' line it stops with."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()] or [str(e.value.code)]
+    assert e.value.code not in (0, None) and len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--learning_rate=-1"], "--learning_rate=-1.0 must be above 0"), (["--beta2=2"], "--beta2=2.0 must be in [0, 1)"),
+    (["--max_iters=-5"], "--max_iters=-5 must be at least 1"), (["--grad_clip=-1"], "0 turns clipping off"),
+    (["--residual=mhc", "--kernel=foo"], "--kernel=foo is not known"), (["--min_lr=1"], "--min_lr=1.0"),
+    (["--dropout=1"], "--dropout"), (["--lr_decay_iters=0"], "--lr_decay_iters"), (["--device=tpu"], "not a device"),
+    (["--n_embd=100", "--n_head=3"], "multiple of --n_head"), (["--stream_dtype=fp8"], "--stream_dtype=fp8"),
+    (["--residual=mhc_lite", "--n_streams=6"], "at most 5"), (["--weight_decay=-0.1"], "--weight_decay")])
+def test_train_bad_settings_stop_before_anything_is_written(args, fragment, tmp_path, capsys):
+    import train
+    out = tmp_path / "out"
+    assert fragment in stops_with(train.main, [f"--data_dir={tmp_path}", f"--out_dir={out}", *args], capsys)
+    assert not out.exists()
+
+
+def test_train_bad_paths_and_config_files(tmp_path, capsys, monkeypatch):
+    import train
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "bad.py").write_text("batch_size = = 3\n")
+    assert "is a file, not a folder" in stops_with(train.main, [f"--out_dir={tmp_path / 'a_file'}"], capsys)
+    assert "bad.py, line 1" in stops_with(train.main, [tmp_path / "bad.py"], capsys)
+    monkeypatch.chdir(tmp_path)  # the default config's data folder, data/openwebtext, is not there
+    line = stops_with(train.main, [f"--out_dir={tmp_path / 'out'}"], capsys)
+    assert "--dataset=openwebtext" in line and "--data_dir=data/shakespeare" in line
+    assert "--out_dir=elsewhere" in stops_with(train.main, ["--data_dir=elsewhere"], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_checks_the_token_files(data_dir, tmp_path, capsys):
+    import shutil
+    import train
+    cases = {"text": "looks like text", "odd": "odd number of bytes", "big_id": "token id 60000",
+             "short": "meta.json says", "meta": "not the meta.json", "no_meta_text": "looks like text"}
+    for name, fragment in cases.items():
+        d = tmp_path / name
+        shutil.copytree(data_dir, d)
+        tokens = np.fromfile(d / "train.bin", dtype=np.uint16)
+        if name in ("text", "no_meta_text"):  # a text file copied to train.bin
+            (d / "train.bin").write_bytes(open(SHAKESPEARE, "rb").read(2 * len(tokens)))
+            if name == "no_meta_text":
+                (d / "meta.json").unlink()
+        elif name == "odd":
+            (d / "train.bin").write_bytes(tokens.tobytes() + b"x")
+        elif name == "big_id":
+            tokens[len(tokens) // 3] = 60000
+            tokens.tofile(d / "train.bin")
+        elif name == "short":
+            tokens[:-10].tofile(d / "train.bin")
+        else:
+            (d / "meta.json").write_text("{oops")
+        line = stops_with(train.main, [f"--data_dir={d}", f"--out_dir={tmp_path / 'out'}", *TRAIN_ARGS], capsys)
+        assert fragment in line and str(d) in line, (name, line)
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_checkpoint_or_log(data_dir, tmp_root, tmp_path, capsys):
+    import shutil
+    import sample
+    import train
+    out, _ = train_once(data_dir, tmp_root, "mhc")
+    good = (out / "ckpt.pt").read_bytes()
+    for name, damaged in (("truncated", good[:len(good) // 2]), ("empty", b""), ("random", os.urandom(4096))):
+        d = tmp_path / name
+        shutil.copytree(out, d)
+        (d / "ckpt.pt").write_bytes(damaged)
+        args = [f"--data_dir={data_dir}", f"--out_dir={d}", "--residual=mhc", *TRAIN_ARGS, "--init_from=resume"]
+        assert "ckpt.pt is damaged" in stops_with(train.main, args, capsys)
+        assert "ckpt.pt is damaged" in stops_with(sample.main, [f"--out_dir={d}", "--device=cpu"], capsys)
+        assert (d / "ckpt.pt").read_bytes() == damaged  # nothing more lost
+    # a log whose last line was cut off in mid-write never stops a resume
+    d = tmp_path / "log"
+    shutil.copytree(out, d)
+    with open(d / "log.jsonl", "a") as f:
+        f.write('{"iter": 31, "loss": 3.')
+    p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={d}", "--residual=mhc", *TRAIN_ARGS,
+            "--init_from=resume", "--max_iters=32")
+    assert "log.jsonl line" in p.stderr and "damaged" in p.stderr
+    rows = read_log(d)
+    assert rows[:len(read_log(out))] == read_log(out) and rows[-1]["iter"] == 32
+
+
+def test_eval_only_evaluates_the_checkpoint_and_changes_nothing(data_dir, tmp_root, tmp_path, capsys):
+    import shutil
+    import train
+    out, _ = train_once(data_dir, tmp_root, "mhc")
+    d = tmp_path / "run"
+    shutil.copytree(out, d)
+    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
+    for _ in range(2):  # a second call must not lose anything either
+        p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={d}", "--device=cpu", "--compile=False",
+                "--eval_only=True", "--eval_iters=2", "--residual=hc", "--n_layer=5")  # the model is the checkpoint's
+        assert "step 30: train loss" in p.stdout and "gain fwd" in p.stdout
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
+    line = stops_with(train.main, [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'none'}", "--eval_only=True"], capsys)
+    assert "--eval_only evaluates the checkpoint" in line and not (tmp_path / "none").exists()
+
+
+def test_an_earlier_log_is_kept_aside_never_overwritten(data_dir, tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "log.jsonl").write_text('{"iter": 0, "val_loss": 1.0}\n')
+    (d / "log.jsonl.prev").write_text("an older log\n")
+    run("train.py", f"--data_dir={data_dir}", f"--out_dir={d}", *TRAIN_ARGS, "--max_iters=1", "--residual=residual")
+    assert (d / "log.jsonl.prev").read_text() == "an older log\n"
+    assert (d / "log.jsonl.prev1").read_text() == '{"iter": 0, "val_loss": 1.0}\n'
+    assert read_log(d)[0]["iter"] == 0 and "train_loss" in read_log(d)[0]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--start=FILE:/no/such/prompt.txt"], "no such file"), (["--top_k=-3"], "--top_k=-3"),
+    (["--num_samples=0"], "--num_samples=0"), (["--num_samples=-1"], "--num_samples=-1"),
+    (["--max_new_tokens=-5"], "--max_new_tokens=-5"), (["--temperature=-1"], "--temperature=-1.0"),
+    (["--dtype=int8"], "--dtype=int8"), (["--device=tpu"], "not a device")])
+def test_sample_bad_settings(args, fragment, data_dir, tmp_root, capsys):
+    import sample
+    out, _ = train_once(data_dir, tmp_root, "mhc")
+    assert fragment in stops_with(sample.main, [f"--out_dir={out}", *args], capsys)
+
+
+def test_sample_prompt_file_and_device_errors(tmp_path, capsys):
+    import sample
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    assert "not UTF-8" in stops_with(sample.main, [f"--start=FILE:{tmp_path / 'latin1.txt'}"], capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in stops_with(sample.main, ["--device=cuda"], capsys)
+    assert "no checkpoint" in stops_with(sample.main, [f"--out_dir={tmp_path}"], capsys)
+
+
+def test_sample_prints_as_it_goes_and_ctrl_c_keeps_the_text(data_dir, tmp_root):
+    import signal
+    out, _ = train_once(data_dir, tmp_root, "mhc")
+    p = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={out}", "--start=ROMEO:", "--device=cpu",
+                          "--max_new_tokens=100000", "--num_samples=1"], cwd=HERE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    printed = b""
+    while len(printed) < 40:  # text arrives long before the 100,000 tokens are done
+        printed += p.stdout.read1(1024)
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and b"Traceback" not in err
+    assert printed.startswith(b"ROMEO:") and (printed + rest).rstrip().endswith(b"(stopped)")
+
+
+def test_every_script_answers_help():
+    for script, setting in (("train.py", "--grad_clip=1.0"), ("sample.py", "--top_k=200"),
+                            ("prepare_data.py", "--val_fraction=-1.0"), ("bench.py", "--n_streams=4"),
+                            ("plot.py", "--labels=''")):
+        p = run(script, "--help")
+        assert setting in p.stdout and p.stdout.count("\n  --") >= 3, script
+        line = next(line for line in p.stdout.splitlines() if line.strip().startswith(setting))
+        assert len(line.split(None, 1)) == 2, line  # the default, then what it does
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_root, tmp_path):

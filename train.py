@@ -33,16 +33,22 @@ DEFAULTS = dict(
     init_from="scratch",        # "scratch" or "resume" (from out_dir/ckpt.pt)
     eval_interval=2000,         # evaluate, log the gains and save a checkpoint every this many steps
     eval_iters=200,             # batches per loss estimate
-    log_interval=10,
-    eval_only=False,
-    wandb_log=False, wandb_project="mhc-gpt", wandb_run_name="",
+    log_interval=10,            # print and log the training loss every this many steps
+    eval_only=False,            # evaluate out_dir/ckpt.pt once and exit (writes nothing)
+    wandb_log=False,            # also log to Weights & Biases (pip install wandb)
+    wandb_project="mhc-gpt",    # its project
+    wandb_run_name="",          # its run name ("": wandb picks one)
     # data: each step sees batch_size * gradient_accumulation_steps * block_size tokens, whatever
     # the number of processes (under DDP the micro-steps are shared out between the ranks)
-    batch_size=12,
-    block_size=1024,
-    gradient_accumulation_steps=1,  # config/gpt2_124m_8gpu.py: 40, for 0.5M tokens a step
+    batch_size=12,              # sequences per micro-step (per process)
+    block_size=1024,            # tokens per sequence (the context length)
+    gradient_accumulation_steps=1,  # micro-steps per optimizer step (config/gpt2_124m_8gpu.py: 40)
     # model
-    n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False,
+    n_layer=12,                 # transformer blocks (each has 2 sublayers: attention, MLP)
+    n_head=12,                  # attention heads
+    n_embd=768,                 # C, the width
+    dropout=0.0,                # dropout rate (0 for pretraining)
+    bias=False,                 # biases in the Linear and LayerNorm layers
     residual="mhc",             # "residual" | "hc" | "mhc" | "mhc_lite"
     n_streams=4,                # n, the number of streams (hc, mhc)
     sinkhorn_iters=20,          # mHC's Sinkhorn-Knopp iterations
@@ -53,16 +59,21 @@ DEFAULTS = dict(
     dynamic=True,               # ablation: False keeps only the static part of the maps
     res_mixing=True,            # ablation: False fixes H_res = I
     # AdamW, cosine schedule with linear warmup
-    learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95,
-    grad_clip=1.0,              # 0 disables clipping (the norm is still logged)
-    decay_lr=True, warmup_iters=2000,
-    lr_decay_iters=-1,          # -1: decay over max_iters
-    min_lr=6e-5,
+    learning_rate=6e-4,         # peak learning rate
+    max_iters=600000,           # optimizer steps in all
+    weight_decay=0.1,           # AdamW's, on matrices only
+    beta1=0.9,                  # AdamW's betas, each in [0, 1)
+    beta2=0.95,                 # (see beta1)
+    grad_clip=1.0,              # clip the gradient norm to this; 0 disables clipping (the norm is still logged)
+    decay_lr=True,              # False: a constant learning_rate
+    warmup_iters=2000,          # linear warmup steps
+    lr_decay_iters=-1,          # the cosine reaches min_lr here; -1: at max_iters
+    min_lr=6e-5,                # the learning rate at the end of the decay
     # system
     device="auto",              # "auto", "cpu", "cuda", "cuda:1", ...
     dtype="auto",               # "auto" (bfloat16 on GPUs that have it), "float32", "bfloat16", "float16"
     compile=True,               # torch.compile the model (the first steps are slow while it compiles)
-    seed=1337,
+    seed=1337,                  # initial weights, data order and dropout
 )
 # settings a checkpoint must agree with to be resumed (dropout may change)
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
@@ -70,15 +81,91 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
 
 
 def die(msg):
-    """Stop with one clear line instead of a traceback."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    """Stop with one clear line instead of a traceback (printed once, by rank 0, under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+def check_settings(c):
+    """Every setting that can be wrong on its own, checked before anything is read or written:
+    the first problem as one line that names the setting and what it allows, or None."""
+    for key, allowed in (("residual", mhc.RESIDUAL_MODES), ("init_from", ("scratch", "resume")),
+                         ("dtype", ("auto", "float32", "bfloat16", "float16")), ("kernel", mhc.KERNELS),
+                         ("stream_dtype", ("float32", "bfloat16"))):
+        if c[key] not in allowed:
+            return f"--{key}={c[key]} is not known; use one of: {', '.join(allowed)}"
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval", "max_iters", "n_layer", "n_head", "n_embd", "n_streams", "sinkhorn_iters"):
+        if c[key] < 1:
+            return f"--{key}={c[key]} must be at least 1"
+    checks = [("learning_rate", c["learning_rate"] > 0, "must be above 0"),
+              ("min_lr", 0 <= c["min_lr"] <= c["learning_rate"], f"must be in [0, learning_rate={c['learning_rate']}]"),
+              ("weight_decay", c["weight_decay"] >= 0, "must be 0 or more"),
+              ("beta1", 0 <= c["beta1"] < 1, "must be in [0, 1)"), ("beta2", 0 <= c["beta2"] < 1, "must be in [0, 1)"),
+              ("grad_clip", c["grad_clip"] >= 0, "must be 0 or more (0 turns clipping off)"),
+              ("warmup_iters", c["warmup_iters"] >= 0, "must be 0 or more"),
+              ("lr_decay_iters", c["lr_decay_iters"] == -1 or c["lr_decay_iters"] >= 1, "must be -1 (decay over max_iters) or at least 1"),
+              ("dropout", 0 <= c["dropout"] < 1, "must be in [0, 1)")]
+    for key, ok, allowed in checks:
+        if not ok:
+            return f"--{key}={c[key]} {allowed}"
+    if c["n_embd"] % c["n_head"]:
+        return f"--n_embd={c['n_embd']} must be a multiple of --n_head={c['n_head']}"
+    if c["residual"] == "mhc_lite" and c["n_streams"] > 5:
+        return f"--n_streams={c['n_streams']} is too many for mhc_lite, which mixes all n! permutations; use at most 5"
+    if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
+        return f"--out_dir={c['out_dir']} is a file, not a folder; name a folder for ckpt.pt and log.jsonl"
+    if c["device"] != "auto":
+        try:
+            torch.device(c["device"])
+        except RuntimeError:
+            return f"--device={c['device']} is not a device; use auto, cpu, cuda or cuda:N"
+    return None
+
+
+def data_hint(data_dir):
+    """How to make the token files train.py expects in data_dir."""
+    if os.path.normpath(data_dir) == os.path.normpath(DEFAULTS["data_dir"]):
+        return ("Make them with: python prepare_data.py --dataset=openwebtext (pip install datasets; ~9B tokens), "
+                "or try tiny Shakespeare first: python prepare_data.py --dataset=shakespeare, then "
+                "--data_dir=data/shakespeare")
+    return (f"Make it with: python prepare_data.py --input=YOUR_TEXT --out_dir={data_dir} "
+            f"(or --dataset=shakespeare --out_dir={data_dir})")
 
 
 def save_atomic(obj, path):
     """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """A checkpoint of train.py, on the CPU; a damaged or foreign file stops with one line."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("model", "model_args", "optimizer", "iter_num") if k not in ckpt]
+    except Exception as e:  # truncated, empty, random bytes, not a torch file ...
+        die(f"{path} is damaged or is not a checkpoint of train.py ({type(e).__name__}); "
+            f"move it away (or restore a copy) and train again")
+    if missing:
+        die(f"{path} is not a checkpoint of train.py (it has no {', '.join(missing)}); point --out_dir at a train.py run")
+    return ckpt
+
+
+def read_log(path):
+    """The rows of a log.jsonl. A damaged line (a crash in mid-write leaves at most the last one
+    half-written) is dropped with a warning: it never stops a resume."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if line.strip():
+                        print(f"warning: {path} line {lineno} is damaged; dropped", file=sys.stderr)
+    return rows
 
 
 def get_lr(it, c):
@@ -104,18 +191,50 @@ class Data:
         splits = {"train": os.path.join(data_dir, "train.bin"), "val": os.path.join(data_dir, "val.bin")}
         if extra_val:
             splits["extra_val"] = extra_val if extra_val.endswith(".bin") else os.path.join(extra_val, "val.bin")
+        meta_path = os.path.join(data_dir, "meta.json")
+        self.meta, self.vocab_size = {}, 50257  # without a meta.json: GPT-2's vocabulary
+        if os.path.exists(meta_path):
+            try:
+                with open(meta_path, encoding="utf-8") as f:
+                    self.meta = json.load(f)
+                self.vocab_size = int(self.meta.get("vocab_size", 50257))
+            except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+                die(f"{meta_path} is not the meta.json prepare_data.py writes; make the data again with prepare_data.py")
+        if self.meta.get("dtype", "uint16") != "uint16":
+            die(f"{meta_path} says dtype {self.meta['dtype']}; train.py reads uint16 token files (prepare_data.py's)")
         for split, path in splits.items():
             if not os.path.exists(path):
-                die(f"{path} not found. Make it with: python prepare_data.py --dataset=shakespeare "
-                    f"--out_dir={os.path.dirname(path) or '.'}   (or --dataset=openwebtext, or --input=YOUR_TEXT)")
+                die(f"{path} not found. {data_hint(os.path.dirname(path) or '.')}")
+            self.check(path, self.meta.get(f"{split}_tokens") if split != "extra_val" else None)
             n = os.path.getsize(path) // 2
             if n < block_size + 1:
                 die(f"{path} has {n} tokens, fewer than block_size+1={block_size + 1}; "
                     f"use a smaller --block_size or more text")
             self.paths[split] = path
-        meta_path = os.path.join(data_dir, "meta.json")
-        self.meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
         self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
+
+    def check(self, path, tokens=None):
+        """A token file is uint16 ids below the vocabulary size: check its length (against
+        meta.json's count when there is one) and a sample of ids spread through it."""
+        size = os.path.getsize(path)
+        fix = "make it with prepare_data.py (--input=YOUR_TEXT for a text file)"
+        if size % 2:
+            die(f"{path} has an odd number of bytes ({size:,}): it is not a file of uint16 token ids; {fix}")
+        if tokens is not None and size != 2 * tokens:
+            die(f"{path} holds {size // 2:,} tokens but meta.json says {tokens:,}: it is not the file prepare_data.py "
+                f"wrote with that meta.json; {fix}")
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(data) and data[:2**26].max() >= self.vocab_size:  # the first 128 MB whole; batch() checks the rest
+            self.bad_id(path, data[:2**26].max())
+        sample = np.asarray(data[np.linspace(0, len(data) - 1, min(len(data), 65536)).astype(np.int64)])
+        low, high = sample & 0xFF, sample >> 8  # text read as uint16: both bytes printable characters
+        text_like = ((low >= 32) | (low == 10)) & (low < 127) & ((high >= 32) | (high == 10)) & (high < 127)
+        if len(sample) >= 64 and text_like.mean() > 0.9:
+            die(f"{path} looks like text, not token ids; {fix}")
+
+    def bad_id(self, path, token):
+        die(f"{path} has token id {token}, beyond the vocabulary's {self.vocab_size}: it is not a token file of "
+            f"this vocabulary; make it with prepare_data.py")
 
     def windows(self, split, count, key):
         n = os.path.getsize(self.paths[split]) // 2
@@ -127,6 +246,8 @@ class Data:
         data = np.memmap(self.paths[split], dtype=np.uint16, mode="r")
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in starts])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in starts])
+        if y.max() >= self.vocab_size:  # past what check() read whole (a few microseconds a batch)
+            self.bad_id(self.paths[split], y.max().item())
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
@@ -138,14 +259,9 @@ def main(argv):
         configure(c, argv)
     except ConfigError as e:
         die(e)
-    for key, allowed in (("residual", mhc.RESIDUAL_MODES), ("init_from", ("scratch", "resume")),
-                         ("dtype", ("auto", "float32", "bfloat16", "float16"))):
-        if c[key] not in allowed:
-            die(f"--{key}={c[key]} is not known; use one of: {', '.join(allowed)}")
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
-                "eval_iters", "log_interval"):
-        if c[key] < 1:
-            die(f"--{key}={c[key]} must be at least 1")
+    problem = check_settings(c)
+    if problem:
+        die(problem)
 
     # --- processes and devices ---------------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
@@ -162,11 +278,14 @@ def main(argv):
         device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             die(f"--device={device} but PyTorch sees no CUDA GPU; use --device=cpu")
+        if device.startswith("cuda:") and torch.device(device).index >= torch.cuda.device_count():
+            die(f"--device={device} but PyTorch sees {torch.cuda.device_count()} GPU(s); use cuda:0 ... "
+                f"cuda:{torch.cuda.device_count() - 1}")
     master = rank == 0
-    if c["gradient_accumulation_steps"] % world != 0:
-        die(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible by "
-            f"the number of processes ({world})")
-    accum = c["gradient_accumulation_steps"] // world  # micro-steps per process
+    # the micro-steps of a step are shared out between the processes; with fewer micro-steps than
+    # processes (or a count that does not divide) each process still takes a whole number of them
+    accum = math.ceil(c["gradient_accumulation_steps"] / world)  # micro-steps per process
+    micro_steps = accum * world
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = c["dtype"]
     if dtype == "auto":
@@ -179,28 +298,39 @@ def main(argv):
         torch.backends.cudnn.allow_tf32 = True
 
     if c["residual"] != "residual":
-        try:  # mhc.ops's checks (a known kernel, Triton installed, a GPU or the interpreter), before any data work
+        try:  # mhc.ops's checks (Triton installed, a GPU or the interpreter), before any data work
             mhc.ops(c["kernel"], torch.empty(0, device=device))
         except (RuntimeError, ValueError) as e:
             die(e)
 
+    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
+    log_path = os.path.join(c["out_dir"], "log.jsonl")
+    resume = c["init_from"] == "resume" or c["eval_only"]  # --eval_only evaluates the checkpoint
+    if resume and not os.path.exists(ckpt_path):
+        die(f"{'--eval_only evaluates' if c['eval_only'] else '--init_from=resume continues'} the checkpoint "
+            f"in --out_dir, and there is none at {ckpt_path}; train one first, or point --out_dir at a run")
+    if not resume and os.path.exists(ckpt_path):
+        die(f"{ckpt_path} already exists; continue it with --init_from=resume, "
+            f"or train into another --out_dir")
+    ckpt = load_checkpoint(ckpt_path) if resume else None  # on the CPU: no GPU copy kept
+    if c["eval_only"]:  # the model is the checkpoint's, whatever the settings say
+        c.update({k: ckpt["model_args"][k] for k in MODEL_KEYS})
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
-    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
+    tokens_per_iter = micro_steps * c["batch_size"] * c["block_size"]
     if master:
-        os.makedirs(c["out_dir"], exist_ok=True)
+        if not c["eval_only"]:
+            os.makedirs(c["out_dir"], exist_ok=True)
+        if micro_steps != c["gradient_accumulation_steps"]:
+            print(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} with {world} processes: each "
+                  f"process takes {accum} micro-step(s), {micro_steps} a step in all")
         print(f"{world} process(es) on {device}, {dtype}; {tokens_per_iter:,} tokens per step")
 
     # --- model, optimizer, resume -------------------------------------------------------------
-    vocab = data.meta.get("vocab_size", 50257)
-    c["vocab_size"] = 64 * math.ceil(vocab / 64)  # pad GPT-2's 50257 to 50304 for speed
+    if not c["eval_only"]:
+        c["vocab_size"] = 64 * math.ceil(data.vocab_size / 64)  # pad GPT-2's 50257 to 50304 for speed
     model_args = {k: c[k] for k in MODEL_KEYS}
-    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
-    log_path = os.path.join(c["out_dir"], "log.jsonl")
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
-    if c["init_from"] == "resume":
-        if not os.path.exists(ckpt_path):
-            die(f"--init_from=resume but there is no checkpoint at {ckpt_path}; train from scratch first")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # CPU: no GPU copy kept
+    iter_num, best_val_loss = 0, float("inf")
+    if resume:
         diff = [k for k in MODEL_KEYS if ckpt["model_args"].get(k) != model_args[k]]
         if diff:
             was = ", ".join(f"{k}={ckpt['model_args'].get(k)!r}" for k in diff)
@@ -208,9 +338,9 @@ def main(argv):
             die(f"{ckpt_path} was trained with {was} but this run asks for {now}; "
                 f"resume with the same settings (and config file), or use another --out_dir")
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    elif os.path.exists(ckpt_path) and not c["eval_only"]:
-        die(f"{ckpt_path} already exists; continue it with --init_from=resume, "
-            f"or train into another --out_dir")
+        if iter_num >= c["max_iters"] and not c["eval_only"]:
+            die(f"{ckpt_path} has trained {iter_num} steps, --max_iters={c['max_iters']}: nothing left to do; "
+                f"raise --max_iters to train on")
     torch.manual_seed(c["seed"])  # the same initial weights in every process and every run
     try:
         model = GPT(GPTConfig(**model_args, dropout=c["dropout"], kernel=c["kernel"],
@@ -228,7 +358,7 @@ def main(argv):
         del ckpt  # free the CPU copy
     raw_model = model
     if master:
-        print(f"{c['residual']} model: {model.get_num_params() / 1e6:.2f}M parameters "
+        print(f"{model_args['residual']} model: {model.get_num_params() / 1e6:.2f}M parameters "
               f"({model.num_connection_params():,} in the connections)")
     if c["compile"]:
         if master:
@@ -240,13 +370,14 @@ def main(argv):
 
     # --- logging ---------------------------------------------------------------------------------
     wandb = None
-    if master:
-        rows = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
-        if c["init_from"] == "resume":  # keep the log as the uninterrupted run would have it
-            rows = [r for r in rows if r.get("iter", 0) < iter_num]
-        elif rows:
-            os.replace(log_path, log_path + ".prev")  # never lose an old log
+    if master and not c["eval_only"]:
+        if resume:  # keep the log as the uninterrupted run would have it
+            rows = [r for r in read_log(log_path) if r.get("iter", 0) < iter_num]
+        else:
             rows = []
+            if os.path.exists(log_path):  # an earlier run's log (without a checkpoint): kept aside, never lost
+                os.replace(log_path, next(p for p in (f"{log_path}.prev{k or ''}" for k in range(10**6))
+                                          if not os.path.exists(p)))
         with open(log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(log_path + ".tmp", log_path)
@@ -258,7 +389,7 @@ def main(argv):
             wandb.init(project=c["wandb_project"], name=c["wandb_run_name"] or None, config=c)
 
     def log(row):
-        if master:
+        if master and not c["eval_only"]:
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if wandb is not None:
@@ -304,6 +435,12 @@ def main(argv):
         return dict(fwd_gain=fwd, bwd_gain=bwd, dist_identity=to_id, dist_uniform=to_unif,
                     gain_by_depth=by_depth, h_res=[[[round(v, 5) for v in r] for r in m.tolist()] for m in mats])
 
+    def kept():
+        """What a user still has when a run stops on a non-finite loss."""
+        if c["eval_only"] or not os.path.exists(ckpt_path):
+            return "" if c["eval_only"] else "No checkpoint was saved yet. "
+        return f"The last good checkpoint stays in {ckpt_path}. "
+
     # --- the loop --------------------------------------------------------------------------------
     t0, last_log_iter, start_iter, running_mfu = time.time(), iter_num, iter_num, -1.0
     while True:
@@ -318,8 +455,8 @@ def main(argv):
             if "extra_val" in losses:
                 row["extra_val_loss"] = losses["extra_val"]
             if not all(map(math.isfinite, losses.values())):
-                die(f"the loss is {losses['val']} at iter {iter_num}; stopping. The last good checkpoint "
-                    f"stays in {ckpt_path}. Try a lower --learning_rate, --grad_clip=1.0 or --dtype=bfloat16")
+                die(f"the validation loss is {losses['val']} at iter {iter_num}; stopping. {kept()}"
+                    f"Try a lower --learning_rate, --grad_clip=1.0 or --dtype=bfloat16")
             if master:
                 if c["residual"] != "residual":
                     row.update(stream_diagnostics())
@@ -334,10 +471,10 @@ def main(argv):
         if iter_num >= c["max_iters"] or c["eval_only"]:
             break
 
-        # One optimizer step = gradient_accumulation_steps micro-batches, shared by the processes.
-        # The RNG (dropout) is reseeded from (seed, step, rank), so a resumed run repeats exactly.
+        # One optimizer step = micro_steps micro-batches, shared by the processes. The RNG
+        # (dropout) is reseeded from (seed, step, rank), so a resumed run repeats exactly.
         torch.manual_seed(c["seed"] + 7919 * iter_num + rank)
-        starts = data.windows("train", c["gradient_accumulation_steps"] * c["batch_size"], key=iter_num)
+        starts = data.windows("train", micro_steps * c["batch_size"], key=iter_num)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             k = rank * accum + micro
@@ -359,8 +496,8 @@ def main(argv):
         if (iter_num - 1) % c["log_interval"] == 0 or iter_num == c["max_iters"]:
             loss_val = all_mean(loss_sum).item()  # the step's mean loss over all processes
             if not math.isfinite(loss_val):
-                die(f"the training loss is {loss_val} at iter {iter_num - 1}; stopping. The last good "
-                    f"checkpoint stays in {ckpt_path}. Try a lower --learning_rate or --dtype=bfloat16")
+                die(f"the training loss is {loss_val} at iter {iter_num - 1}; stopping. {kept()}"
+                    f"Try a lower --learning_rate or --dtype=bfloat16")
             dt = (time.time() - t0) / (iter_num - last_log_iter)
             t0, last_log_iter = time.time(), iter_num
             mfu = raw_model.estimate_mfu(c["batch_size"] * accum, dt, device)
