@@ -37,23 +37,6 @@ RESIDUAL_MODES = ("residual", "hc", "mhc", "mhc_lite")
 KERNELS = ("auto", "triton", "torch")
 
 
-def ops(kernel, x):
-    """The one place that picks the code for Sinkhorn and the stream read/write: this file's
-    reference (kernel="torch"), sinkhorn_kernel.py's Triton kernels ("triton"), or "auto": Triton
-    on CUDA tensors, the reference elsewhere. Everything else (the maps' projection, norms and
-    gates) is plain PyTorch on either path, which torch.compile fuses well."""
-    if kernel == "torch" or (kernel == "auto" and not (x.is_cuda and triton_kernels is not None)):
-        return sys.modules[__name__]
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r} is not known; use one of {', '.join(KERNELS)}")
-    if triton_kernels is None:
-        raise RuntimeError("kernel='triton' but Triton is not installed: pip install triton, or use kernel='torch'")
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("kernel='triton' needs a CUDA GPU; use kernel='torch' on the CPU "
-                           "(or set TRITON_INTERPRET=1 to run the kernels, slowly, in Triton's interpreter)")
-    return triton_kernels
-
-
 # ----------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp projection (the mHC paper's Eq. 9)
 
@@ -115,14 +98,15 @@ class Connection(nn.Module):
         super().__init__()
         self.n, self.C, self.kernel, self.res_mixing = n, C, kernel, res_mixing
 
-    def learnable(self, name, value, dynamic):
-        """A parameter, or (ablation dynamic=False) a constant zero: no token-dependent term."""
+    def dynamic_weight(self, name, value, dynamic):
+        """The weights of a map's token-dependent term: a parameter, or for the ablation
+        dynamic=False a constant zero (a buffer), so that only the static part b is left."""
         if dynamic:
             setattr(self, name, nn.Parameter(value))
         else:
             self.register_buffer(name, torch.zeros_like(value))
 
-    def mixing(self, H_res):
+    def res_or_identity(self, H_res):
         """H_res, or the identity for the ablation res_mixing=False (streams never mix)."""
         return H_res if self.res_mixing else torch.eye(self.n, dtype=H_res.dtype, device=H_res.device).expand_as(H_res)
 
@@ -146,8 +130,8 @@ class HyperConnection(Connection):
 
     def __init__(self, n, C, layer_id, kernel="torch", dynamic=True, res_mixing=True):
         super().__init__(n, C, kernel, res_mixing)
-        self.learnable("W", torch.zeros(C, n + 2), dynamic)   # per stream: [pre, post, res column]
-        self.learnable("s", torch.full((3,), 0.01), dynamic)  # scales of pre, post, res
+        self.dynamic_weight("W", torch.zeros(C, n + 2), dynamic)   # per stream: [pre, post, res column]
+        self.dynamic_weight("s", torch.full((3,), 0.01), dynamic)  # scales of pre, post, res
         b_pre = F.one_hot(torch.tensor(layer_id % n), n).float()
         self.b = nn.Parameter(torch.cat([b_pre, torch.ones(n), torch.eye(n).flatten()]))
 
@@ -159,7 +143,7 @@ class HyperConnection(Connection):
             H_pre = b_pre + self.s[0] * d[..., 0]
             H_post = b_post + self.s[1] * d[..., 1]
             H_res = b_res.view(n, n) + self.s[2] * d[..., 2:].transpose(-1, -2)  # H_res[i, j] from stream j
-        return H_pre, H_post, self.mixing(H_res)
+        return H_pre, H_post, self.res_or_identity(H_res)
 
 
 class ManifoldHyperConnection(Connection):
@@ -184,7 +168,7 @@ class ManifoldHyperConnection(Connection):
       that to the power L. g = 6 keeps 0.79 of the identity over 24 sublayers (GPT-2 small) and
       0.53 over 64, where g = 4 keeps 0.01 over 64 (streams collapsed to one mix before training
       starts) and g = 8 starts with off-diagonals of 3e-4 (no mixing). Measured over 64 sublayers
-      (README, "Depth"): the g = 4 product stays within 0.02 of uniform all through training, the
+      (RESULTS.md, "Depth"): the g = 4 product stays within 0.02 of uniform all through training, the
       g = 8 one stays at the identity, only g = 6 moves (Adam steps a logit by about the learning
       rate; the product's response scales with the off-diagonal mass e^-g); losses tie.
     Since every stream starts as the same copy and the rows of H_res sum to 1, the streams stay
@@ -195,8 +179,8 @@ class ManifoldHyperConnection(Connection):
                  res_mixing=True, n_res=None):
         super().__init__(n, C, kernel, res_mixing)
         self.sinkhorn_iters, self.n_res = sinkhorn_iters, n_res or n * n
-        self.learnable("phi", torch.randn(n * C, 2 * n + self.n_res) / math.sqrt(n * C), dynamic)
-        self.learnable("alpha", torch.full((3,), 0.01), dynamic)  # gates of pre, post, res
+        self.dynamic_weight("phi", torch.randn(n * C, 2 * n + self.n_res) / math.sqrt(n * C), dynamic)
+        self.dynamic_weight("alpha", torch.full((3,), 0.01), dynamic)  # gates of pre, post, res
         b_pre = 2 * F.one_hot(torch.tensor(layer_id % n), n).float() - 1
         self.b = nn.Parameter(torch.cat([b_pre, torch.zeros(n), self.res_bias(res_init)]))
 
@@ -217,7 +201,7 @@ class ManifoldHyperConnection(Connection):
             H_pre = torch.sigmoid(self.alpha[0] * h_pre + b_pre)                      # Eq. (3, 4)
             H_post = 2 * torch.sigmoid(self.alpha[1] * h_post + b_post)
             H_res = self.res_map(self.alpha[2] * h_res + b_res, x)
-        return H_pre, H_post, self.mixing(H_res)
+        return H_pre, H_post, self.res_or_identity(H_res)
 
 
 class ManifoldHyperConnectionLite(ManifoldHyperConnection):
@@ -230,9 +214,7 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
     they can learn to move away from it."""
 
     def __init__(self, n, C, layer_id, res_init=6.0, kernel="torch", dynamic=True, res_mixing=True):
-        if n > 5:
-            raise ValueError(f"mhc_lite mixes all n! permutation matrices: n_streams={n} would give "
-                             f"{math.factorial(n):,}; use n_streams <= 5")
+        check_mode("mhc_lite", n)
         super().__init__(n, C, layer_id, 0, res_init, kernel, dynamic, res_mixing, n_res=math.factorial(n))
         perms = list(itertools.permutations(range(n)))  # the identity first
         self.register_buffer("P", torch.eye(n)[torch.tensor(perms)], persistent=False)  # P_r[i, perm_r(i)] = 1
@@ -253,6 +235,7 @@ def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, k
                     res_mixing=True):
     """The connection for sublayer `layer_id` (0, 1, 2, ... in depth order). dynamic=False and
     res_mixing=False are the paper's ablations: static maps only, and H_res fixed to I."""
+    check_mode(residual, n)
     options = dict(kernel=kernel, dynamic=dynamic, res_mixing=res_mixing)
     if residual == "hc":
         return HyperConnection(n, C, layer_id, **options)
@@ -260,7 +243,7 @@ def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, k
         return ManifoldHyperConnection(n, C, layer_id, sinkhorn_iters, res_init, **options)
     if residual == "mhc_lite":
         return ManifoldHyperConnectionLite(n, C, layer_id, res_init, **options)
-    raise ValueError(f"residual must be one of {RESIDUAL_MODES} to build a connection, got {residual!r}")
+    raise ValueError("residual='residual' has no connection to build: it is the plain x + F(x)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,3 +298,36 @@ def composite_distance(mats):
     to_identity = (P - torch.eye(n, dtype=P.dtype)).norm().item()
     to_uniform = (P - torch.full_like(P, 1.0 / n)).norm().item()
     return to_identity, to_uniform
+
+
+# ----------------------------------------------------------------------------------------------
+# Which code runs, and the settings a connection cannot run with
+
+def check_mode(residual, n):
+    """A ValueError for a residual mode this file does not know, or too many streams for mHC-lite."""
+    if residual not in RESIDUAL_MODES:
+        raise ValueError(f"residual={residual!r} is not known; use one of {', '.join(RESIDUAL_MODES)}")
+    if residual == "mhc_lite" and n > 5:
+        raise ValueError(f"mhc_lite mixes all n! permutation matrices: n_streams={n} would give "
+                         f"{math.factorial(n):,}; use n_streams <= 5")
+
+
+def check_kernel(kernel):
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not known; use one of {', '.join(KERNELS)}")
+
+
+def ops(kernel, x):
+    """The one place that picks the code for Sinkhorn and the stream read/write: this file's
+    reference (kernel="torch"), sinkhorn_kernel.py's Triton kernels ("triton"), or "auto": Triton
+    on CUDA tensors, the reference elsewhere. Everything else (the maps' projection, norms and
+    gates) is plain PyTorch on either path, which torch.compile fuses well."""
+    if kernel == "torch" or (kernel == "auto" and not (x.is_cuda and triton_kernels is not None)):
+        return sys.modules[__name__]
+    check_kernel(kernel)
+    if triton_kernels is None:
+        raise RuntimeError("kernel='triton' but Triton is not installed: pip install triton, or use kernel='torch'")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("kernel='triton' needs a CUDA GPU; use kernel='torch' on the CPU "
+                           "(or set TRITON_INTERPRET=1 to run the kernels, slowly, in Triton's interpreter)")
+    return triton_kernels

@@ -37,23 +37,17 @@ class GPTConfig:
     res_mixing: bool = True   # ablation: False fixes H_res = I (the streams never mix)
 
     def __post_init__(self):
-        if self.residual not in mhc.RESIDUAL_MODES:
-            raise ValueError(f"residual={self.residual!r} is not known; use one of "
-                             f"{', '.join(mhc.RESIDUAL_MODES)}")
-        if self.residual == "mhc_lite" and self.n_streams > 5:
-            raise ValueError(f"n_streams={self.n_streams} is too many for mhc_lite, which mixes all n! "
-                             f"permutation matrices; allowed: n_streams <= 5")
+        """Every setting checked once, here: a ValueError that names the setting and what it allows."""
+        mhc.check_mode(self.residual, self.n_streams)
+        mhc.check_kernel(self.kernel)
         if self.stream_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"stream_dtype={self.stream_dtype!r} is not known; use float32 or bfloat16")
-        if self.kernel not in mhc.KERNELS:
-            raise ValueError(f"kernel={self.kernel!r} is not known; use one of {', '.join(mhc.KERNELS)}")
         for name in ("n_streams", "sinkhorn_iters", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
-                             f"(allowed: n_embd a multiple of n_head)")
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} is not allowed; it must be in [0, 1)")
 
