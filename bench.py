@@ -24,7 +24,7 @@ import time
 import torch
 
 import mhc
-from configurator import ConfigError, configure
+from configurator import settings
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
@@ -268,11 +268,7 @@ def ptxas_report():
 
 
 def main(argv):
-    c = dict(DEFAULTS)
-    try:
-        configure(c, argv, allow_files=False)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    c = settings(DEFAULTS, argv, allow_files=False)
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "none")
     if c["only"] == "ptxas":
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

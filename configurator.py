@@ -23,6 +23,27 @@ class ConfigError(Exception):
     pass
 
 
+def die(msg):
+    """Stop with one clear line instead of a traceback (printed once, by rank 0, under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def settings(defaults, argv, check=None, allow_files=True):
+    """A script's settings: its defaults updated from argv (configure), then check(c), which
+    returns a problem or None. A problem stops the script with one line."""
+    c = dict(defaults)
+    try:
+        configure(c, argv, allow_files)
+        problem = check(c) if check else None
+    except ConfigError as e:
+        problem = e
+    if problem:
+        die(problem)
+    return c
+
+
 def _unknown(key, config):
     close = difflib.get_close_matches(key, list(config), n=1)
     hint = f" (did you mean --{close[0]}?)" if close else ""

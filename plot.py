@@ -19,7 +19,7 @@ import statistics
 import sys
 
 import mhc
-from configurator import ConfigError, configure
+from configurator import settings
 
 
 def read_log(run_dir):
@@ -75,12 +75,8 @@ DEFAULTS = dict(
 
 
 def main(argv):
-    c = dict(DEFAULTS)
     runs = [a for a in argv if not a.startswith("--")]
-    try:
-        configure(c, [a for a in argv if a.startswith("--")], allow_files=False)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    c = settings(DEFAULTS, [a for a in argv if a.startswith("--")], allow_files=False)
     if not runs:
         sys.exit("error: give one or more run folders, e.g. python plot.py out-residual out-mhc")
     labels = c["labels"].split(",") if c["labels"] else [os.path.basename(os.path.normpath(r)) for r in runs]

@@ -200,12 +200,8 @@ DEFAULTS = dict(
 
 
 def main(argv):
-    from configurator import configure, ConfigError
-    cfg = dict(DEFAULTS)
-    try:
-        configure(cfg, argv, allow_files=False)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    from configurator import settings
+    cfg = settings(DEFAULTS, argv, allow_files=False)
     if bool(cfg["dataset"]) == bool(cfg["input"]):
         sys.exit("error: give exactly one of --dataset=shakespeare|openwebtext or --input=PATH")
     name = cfg["dataset"] or os.path.basename(os.path.normpath(cfg["input"])).split(".")[0].strip("*?[]") or "local"

@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-from configurator import ConfigError, configure
+from configurator import die, settings
 from model import GPT, GPTConfig
 from prepare_data import get_tokenizer
-from train import die, load_checkpoint
+from train import load_checkpoint
 
 DEFAULTS = dict(
     out_dir="out",          # where ckpt.pt is
@@ -64,14 +64,7 @@ def read_prompt(start):
 
 
 def main(argv):
-    c = dict(DEFAULTS)
-    try:
-        configure(c, argv)
-    except ConfigError as e:
-        die(e)
-    problem = check_settings(c)
-    if problem:
-        die(problem)
+    c = settings(DEFAULTS, argv, check_settings)
     prompt = read_prompt(c["start"])
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device_type = "cuda" if device.startswith("cuda") else "cpu"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import mhc
-from configurator import ConfigError, configure
+from configurator import die, settings
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
@@ -80,23 +80,17 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
               "residual", "n_streams", "sinkhorn_iters", "res_init", "stream_dtype", "dynamic", "res_mixing")
 
 
-def die(msg):
-    """Stop with one clear line instead of a traceback (printed once, by rank 0, under torchrun)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 def check_settings(c):
     """Every setting that can be wrong on its own, checked before anything is read or written:
     the first problem as one line that names the setting and what it allows, or None."""
-    for key, allowed in (("residual", mhc.RESIDUAL_MODES), ("init_from", ("scratch", "resume")),
-                         ("dtype", ("auto", "float32", "bfloat16", "float16")), ("kernel", mhc.KERNELS),
-                         ("stream_dtype", ("float32", "bfloat16"))):
+    try:  # the model's settings: GPTConfig checks them
+        GPTConfig(**{k: c[k] for k in MODEL_KEYS if k != "vocab_size"}, dropout=c["dropout"])
+    except ValueError as e:
+        return str(e)
+    for key, allowed in (("init_from", ("scratch", "resume")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
         if c[key] not in allowed:
             return f"--{key}={c[key]} is not known; use one of: {', '.join(allowed)}"
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                "log_interval", "max_iters", "n_layer", "n_head", "n_embd", "n_streams", "sinkhorn_iters"):
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "max_iters"):
         if c[key] < 1:
             return f"--{key}={c[key]} must be at least 1"
     checks = [("learning_rate", c["learning_rate"] > 0, "must be above 0"),
@@ -105,15 +99,11 @@ def check_settings(c):
               ("beta1", 0 <= c["beta1"] < 1, "must be in [0, 1)"), ("beta2", 0 <= c["beta2"] < 1, "must be in [0, 1)"),
               ("grad_clip", c["grad_clip"] >= 0, "must be 0 or more (0 turns clipping off)"),
               ("warmup_iters", c["warmup_iters"] >= 0, "must be 0 or more"),
-              ("lr_decay_iters", c["lr_decay_iters"] == -1 or c["lr_decay_iters"] >= 1, "must be -1 (decay over max_iters) or at least 1"),
-              ("dropout", 0 <= c["dropout"] < 1, "must be in [0, 1)")]
+              ("lr_decay_iters", c["lr_decay_iters"] == -1 or c["lr_decay_iters"] >= 1,
+               "must be -1 (decay over max_iters) or at least 1")]
     for key, ok, allowed in checks:
         if not ok:
             return f"--{key}={c[key]} {allowed}"
-    if c["n_embd"] % c["n_head"]:
-        return f"--n_embd={c['n_embd']} must be a multiple of --n_head={c['n_head']}"
-    if c["residual"] == "mhc_lite" and c["n_streams"] > 5:
-        return f"--n_streams={c['n_streams']} is too many for mhc_lite, which mixes all n! permutations; use at most 5"
     if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
         return f"--out_dir={c['out_dir']} is a file, not a folder; name a folder for ckpt.pt and log.jsonl"
     if c["device"] != "auto":
@@ -254,14 +244,7 @@ class Data:
 
 
 def main(argv):
-    c = dict(DEFAULTS)
-    try:
-        configure(c, argv)
-    except ConfigError as e:
-        die(e)
-    problem = check_settings(c)
-    if problem:
-        die(problem)
+    c = settings(DEFAULTS, argv, check_settings)
 
     # --- processes and devices ---------------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
