@@ -1,7 +1,7 @@
 # The residual vs HC vs mHC comparison at CPU scale: config/compare_gpu.py's recipe on a 6-layer,
-# 128-wide GPT and 200k tokens (about 10 minutes a run on one core). See README "Results".
-#   python prepare_data.py --input='../shared/data/wiki_en_00.txt.xz' --blank_line_docs=True --out_dir=data/wiki00
-#   python prepare_data.py --input=../shared/data/webtext_train_head.txt --blank_line_docs=True --out_dir=data/webtext
+# 128-wide GPT and 200k tokens (about 10 minutes a run on one core). See RESULTS.md.
+#   python prepare_data.py --input=WIKI/wiki_00.txt.xz --blank_line_docs=True --out_dir=data/wiki00
+#   python prepare_data.py --input=webtext.train.jsonl --out_dir=data/webtext
 #   python train.py config/compare_cpu.py --residual=mhc --out_dir=out-ccpu-mhc     (and residual, hc, mhc_lite)
 data_dir = "data/wiki00"
 extra_val = "data/webtext"

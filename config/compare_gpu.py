@@ -1,7 +1,8 @@
 # The residual vs HC vs mHC comparison on one GPU (H100/H200), a few minutes a run:
-# GPT-2 small's shape on ~21M tokens of English Wikipedia, WebText as a second validation set.
-#   python prepare_data.py --input='../shared/data/wiki_en_*.txt.xz' --blank_line_docs=True --out_dir=data/wiki
-#   python prepare_data.py --input=../shared/data/webtext_train_head.txt --blank_line_docs=True --out_dir=data/webtext
+# GPT-2 small's shape on ~21M tokens of English Wikipedia, WebText as a second validation set
+# (RESULTS.md says what the data is and how to get it; WIKI/ is a folder of WikiExtractor text).
+#   python prepare_data.py --input='WIKI/wiki_*.txt.xz' --blank_line_docs=True --out_dir=data/wiki
+#   python prepare_data.py --input=webtext.train.jsonl --out_dir=data/webtext
 #   python train.py config/compare_gpu.py --residual=mhc --out_dir=out-cmp-mhc     (and residual, hc, mhc_lite)
 # (On OpenWebText instead: --data_dir=data/openwebtext and drop extra_val.)
 data_dir = "data/wiki"

@@ -1,10 +1,10 @@
 # Depth stress at CPU scale: config/depth_gpu.py's 32 layers = 64 sublayers, narrowed to fit a
-# laptop (about 10 minutes a run on one core). Same questions, far fewer tokens: see README "Depth".
-#   python prepare_data.py --input='../shared/data/wiki_en_00.txt.xz' --blank_line_docs=True --out_dir=data/wiki00
+# laptop (about 10 minutes a run on one core). Same questions, far fewer tokens: see RESULTS.md, "Depth".
+#   python prepare_data.py --input=WIKI/wiki_00.txt.xz --blank_line_docs=True --out_dir=data/wiki00
 #   python train.py config/depth_cpu.py --residual=hc  --out_dir=out-dcpu-hc
 #   python train.py config/depth_cpu.py --residual=mhc --out_dir=out-dcpu-mhc [--res_init=4 | --res_init=8]
 data_dir = "data/wiki00"
-extra_val = "data/webtext"   # python prepare_data.py --input=../shared/data/webtext_train_head.txt --blank_line_docs=True --out_dir=data/webtext
+extra_val = "data/webtext"   # python prepare_data.py --input=webtext.train.jsonl --out_dir=data/webtext
 device = "cpu"
 compile = False
 n_layer = 32

@@ -1,4 +1,4 @@
-# Depth stress (issue: where HC breaks and mHC holds): 32 narrow layers = 64 sublayers, one GPU.
+# Depth stress (where HC breaks and mHC holds): 32 narrow layers = 64 sublayers, one GPU.
 #   python train.py config/depth_gpu.py --residual=hc  --out_dir=out-depth-hc
 #   python train.py config/depth_gpu.py --residual=mhc --out_dir=out-depth-mhc [--res_init=4 | --res_init=8]
 # (data as in config/compare_gpu.py; repeat with --seed=... for the seed spread)
