@@ -267,8 +267,26 @@ def ptxas_report():
                "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, NP=NP, BM=BM, BC=BC))
 
 
+def check_settings(c):
+    """The first bad setting as one line, or None."""
+    if c["only"] not in ("all", "kernels", "e2e", "ptxas"):
+        return f"--only={c['only']} is not known; use all, kernels, e2e or ptxas"
+    if c["device"] not in ("auto", "cpu", "cuda") and not c["device"].startswith("cuda:"):
+        return f"--device={c['device']} is not known; use auto, cpu, cuda or cuda:N"
+    if c["device"].startswith("cuda") and not torch.cuda.is_available():
+        return f"--device={c['device']} but PyTorch sees no CUDA GPU"
+    for key in ("matrices", "tokens", "steps", "batch_size"):
+        if c[key] < 1:
+            return f"--{key}={c[key]} must be at least 1"
+    try:  # the model's settings: GPTConfig checks them
+        GPTConfig(residual="mhc", **{k: c[k] for k in ("n_streams", "n_embd", "n_layer", "n_head", "block_size")})
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main(argv):
-    c = settings(DEFAULTS, argv, allow_files=False)
+    c = settings(DEFAULTS, argv, check_settings, allow_files=False)
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "none")
     if c["only"] == "ptxas":
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -13,7 +13,6 @@ h_res.png     the batch-mean H_res of the first, middle and last sublayer (last 
 The table (markdown, on stdout) has the final losses, speed, memory, gains and distances.
 Needs matplotlib (pip install matplotlib).
 """
-import json
 import os
 import statistics
 import sys
@@ -23,11 +22,12 @@ from configurator import settings
 
 
 def read_log(run_dir):
+    """(evaluation rows, training rows) of a run's log.jsonl (a damaged line is dropped, as train.py does)."""
+    from train import read_log as read_rows
     path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         sys.exit(f"error: {path} not found; give the --out_dir folders of train.py runs")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(path)
     evals, steps = [r for r in rows if "val_loss" in r], [r for r in rows if "loss" in r]
     if not evals:
         sys.exit(f"error: {path} has no eval row yet; let the run reach its first --eval_interval")

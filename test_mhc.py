@@ -730,6 +730,9 @@ def test_prepare_data_bad_input(tmp_path):
         assert_clean_error(p, fragment)
         assert not (tmp_path / "out" / "train.bin").exists()
     assert_clean_error(run("prepare_data.py", "--dataset=imagenet", ok=False), "imagenet")
+    assert_clean_error(run("prepare_data.py", f"--input={tmp_path / 'bad.jsonl'}", f"--out_dir={tmp_path / 'empty.txt'}",
+                           ok=False), "is a file")
+    assert_clean_error(run("prepare_data.py", "--dataset=shakespeare", "--num_proc=0", ok=False), "--num_proc=0")
 
 
 # a small, fast training run on the CPU (plus each test's data and output folders)
@@ -865,6 +868,11 @@ def test_plot_makes_the_readme_pictures(data_dir, tmp_root, tmp_path):
     assert float(both.split("|")[3].split("±")[0]) == pytest.approx(mean, rel=1e-3)  # val loss, the 3rd column
     assert (tmp_path / "seeds_depth.png").exists()
     assert_clean_error(run("plot.py", str(tmp_path / "nothing"), ok=False), "log.jsonl")
+    import shutil  # a log whose last line was cut off in mid-write still plots
+    shutil.copytree(runs[2], tmp_path / "cut")
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:
+        f.write('{"iter": 31, "lo')
+    assert "wrote" in run("plot.py", tmp_path / "cut", f"--out_dir={tmp_path}", "--prefix=cut_").stdout
 
 
 @slow
@@ -1046,6 +1054,29 @@ def test_sample_prints_as_it_goes_and_ctrl_c_keeps_the_text(data_dir, tmp_root):
     rest, err = p.communicate(timeout=60)
     assert p.returncode == 130 and b"Traceback" not in err
     assert printed.startswith(b"ROMEO:") and (printed + rest).rstrip().endswith(b"(stopped)")
+
+
+@pytest.mark.parametrize("args,fragment", [(["--only=foo"], "--only=foo"), (["--device=tpu"], "--device=tpu"),
+                                           (["--n_streams=0"], "n_streams=0"), (["--steps=0"], "--steps=0")])
+def test_bench_bad_settings(args, fragment, capsys):
+    import bench
+    assert fragment in stops_with(bench.main, args, capsys)
+
+
+@slow
+def test_ctrl_c_stops_training_and_says_what_is_kept(data_dir, tmp_path):
+    import signal
+    p = subprocess.Popen([sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", *TRAIN_ARGS,
+                          "--max_iters=100000", "--log_interval=1"], cwd=HERE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:  # wait for the first checkpoint (step 10), then Ctrl-C
+        if line.startswith("iter 12:"):
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err
+    assert "(Ctrl-C)" in err and "ckpt.pt holds step 10" in err and "--init_from=resume" in err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 10
 
 
 @slow

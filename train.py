@@ -11,6 +11,7 @@ Many nodes: run torchrun on each with --nnodes, --node_rank, --master_addr, --ma
 Every default below can be overridden by a config file or --key=value (see configurator.py).
 The defaults are GPT-2 124M on OpenWebText, as in nanoGPT.
 """
+import importlib.util
 import json
 import math
 import os
@@ -104,6 +105,8 @@ def check_settings(c):
     for key, ok, allowed in checks:
         if not ok:
             return f"--{key}={c[key]} {allowed}"
+    if c["wandb_log"] and importlib.util.find_spec("wandb") is None:
+        return "--wandb_log=True needs wandb: pip install wandb"
     if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
         return f"--out_dir={c['out_dir']} is a file, not a folder; name a folder for ckpt.pt and log.jsonl"
     if c["device"] != "auto":
@@ -365,10 +368,7 @@ def main(argv):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(log_path + ".tmp", log_path)
         if c["wandb_log"]:
-            try:
-                import wandb
-            except ImportError:
-                die("--wandb_log=True needs wandb: pip install wandb")
+            import wandb
             wandb.init(project=c["wandb_project"], name=c["wandb_run_name"] or None, config=c)
 
     def log(row):
@@ -426,76 +426,85 @@ def main(argv):
 
     # --- the loop --------------------------------------------------------------------------------
     t0, last_log_iter, start_iter, running_mfu = time.time(), iter_num, iter_num, -1.0
-    while True:
-        lr = get_lr(iter_num, c) if c["decay_lr"] else c["learning_rate"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    saved_iter = iter_num if resume and not c["eval_only"] else None  # the step ckpt.pt holds
+    try:
+        while True:
+            lr = get_lr(iter_num, c) if c["decay_lr"] else c["learning_rate"]
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"] or c["eval_only"]:
-            losses = estimate_loss()
-            row = dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr,
-                       tokens=iter_num * tokens_per_iter)
-            if "extra_val" in losses:
-                row["extra_val_loss"] = losses["extra_val"]
-            if not all(map(math.isfinite, losses.values())):
-                die(f"the validation loss is {losses['val']} at iter {iter_num}; stopping. {kept()}"
-                    f"Try a lower --learning_rate, --grad_clip=1.0 or --dtype=bfloat16")
-            if master:
-                if c["residual"] != "residual":
-                    row.update(stream_diagnostics())
-                gains = f", gain fwd {row['fwd_gain']:.3g} bwd {row['bwd_gain']:.3g}" if "fwd_gain" in row else ""
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{gains}")
-                log(row)
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and not c["eval_only"]:
-                    save_atomic(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                     scaler=scaler.state_dict(), model_args=model_args, iter_num=iter_num,
-                                     best_val_loss=best_val_loss, config=c), ckpt_path)
-        if iter_num >= c["max_iters"] or c["eval_only"]:
-            break
+            if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"] or c["eval_only"]:
+                losses = estimate_loss()
+                row = dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr,
+                           tokens=iter_num * tokens_per_iter)
+                if "extra_val" in losses:
+                    row["extra_val_loss"] = losses["extra_val"]
+                if not all(map(math.isfinite, losses.values())):
+                    die(f"the validation loss is {losses['val']} at iter {iter_num}; stopping. {kept()}"
+                        f"Try a lower --learning_rate, --grad_clip=1.0 or --dtype=bfloat16")
+                if master:
+                    if c["residual"] != "residual":
+                        row.update(stream_diagnostics())
+                    gains = f", gain fwd {row['fwd_gain']:.3g} bwd {row['bwd_gain']:.3g}" if "fwd_gain" in row else ""
+                    print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{gains}")
+                    log(row)
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    if iter_num > 0 and not c["eval_only"]:
+                        save_atomic(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                         scaler=scaler.state_dict(), model_args=model_args, iter_num=iter_num,
+                                         best_val_loss=best_val_loss, config=c), ckpt_path)
+                        saved_iter = iter_num
+            if iter_num >= c["max_iters"] or c["eval_only"]:
+                break
 
-        # One optimizer step = micro_steps micro-batches, shared by the processes. The RNG
-        # (dropout) is reseeded from (seed, step, rank), so a resumed run repeats exactly.
-        torch.manual_seed(c["seed"] + 7919 * iter_num + rank)
-        starts = data.windows("train", micro_steps * c["batch_size"], key=iter_num)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            k = rank * accum + micro
-            X, Y = data.batch("train", starts[k * c["batch_size"]:(k + 1) * c["batch_size"]])
-            if ddp:  # all-reduce the gradients only on the last micro-step (set before the forward)
-                model.require_backward_grad_sync = micro == accum - 1
-            with ctx:
-                _, loss = model(X, Y)
-                loss = loss / accum
-            loss_sum += loss.detach().float()
-            scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"] if c["grad_clip"] > 0 else math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
+            # One optimizer step = micro_steps micro-batches, shared by the processes. The RNG
+            # (dropout) is reseeded from (seed, step, rank), so a resumed run repeats exactly.
+            torch.manual_seed(c["seed"] + 7919 * iter_num + rank)
+            starts = data.windows("train", micro_steps * c["batch_size"], key=iter_num)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                k = rank * accum + micro
+                X, Y = data.batch("train", starts[k * c["batch_size"]:(k + 1) * c["batch_size"]])
+                if ddp:  # all-reduce the gradients only on the last micro-step (set before the forward)
+                    model.require_backward_grad_sync = micro == accum - 1
+                with ctx:
+                    _, loss = model(X, Y)
+                    loss = loss / accum
+                loss_sum += loss.detach().float()
+                scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"] if c["grad_clip"] > 0 else math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
 
-        if (iter_num - 1) % c["log_interval"] == 0 or iter_num == c["max_iters"]:
-            loss_val = all_mean(loss_sum).item()  # the step's mean loss over all processes
-            if not math.isfinite(loss_val):
-                die(f"the training loss is {loss_val} at iter {iter_num - 1}; stopping. {kept()}"
-                    f"Try a lower --learning_rate or --dtype=bfloat16")
-            dt = (time.time() - t0) / (iter_num - last_log_iter)
-            t0, last_log_iter = time.time(), iter_num
-            mfu = raw_model.estimate_mfu(c["batch_size"] * accum, dt, device)
-            if mfu is not None and iter_num - start_iter > 5:  # skip the compile / warm-up steps
-                running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-            row = dict(iter=iter_num - 1, loss=loss_val, lr=lr, grad_norm=grad_norm.item(),
-                       ms=1000 * dt, tokens_per_s=tokens_per_iter / dt, mfu=running_mfu if running_mfu >= 0 else None)
-            if device_type == "cuda":
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if master:
-                note = "  (includes compilation)" if iter_num - start_iter == 1 and c["compile"] else ""
-                mfu_text = f", mfu {running_mfu:.1%}" if running_mfu >= 0 else ""
-                print(f"iter {iter_num - 1}: loss {loss_val:.4f}, lr {lr:.2e}, grad norm {row['grad_norm']:.3f}, "
-                      f"{1000 * dt:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s{mfu_text}{note}", flush=True)
-                log(row)
+            if (iter_num - 1) % c["log_interval"] == 0 or iter_num == c["max_iters"]:
+                loss_val = all_mean(loss_sum).item()  # the step's mean loss over all processes
+                if not math.isfinite(loss_val):
+                    die(f"the training loss is {loss_val} at iter {iter_num - 1}; stopping. {kept()}"
+                        f"Try a lower --learning_rate or --dtype=bfloat16")
+                dt = (time.time() - t0) / (iter_num - last_log_iter)
+                t0, last_log_iter = time.time(), iter_num
+                mfu = raw_model.estimate_mfu(c["batch_size"] * accum, dt, device)
+                if mfu is not None and iter_num - start_iter > 5:  # skip the compile / warm-up steps
+                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+                row = dict(iter=iter_num - 1, loss=loss_val, lr=lr, grad_norm=grad_norm.item(),
+                           ms=1000 * dt, tokens_per_s=tokens_per_iter / dt, mfu=running_mfu if running_mfu >= 0 else None)
+                if device_type == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                if master:
+                    note = "  (includes compilation)" if iter_num - start_iter == 1 and c["compile"] else ""
+                    mfu_text = f", mfu {running_mfu:.1%}" if running_mfu >= 0 else ""
+                    print(f"iter {iter_num - 1}: loss {loss_val:.4f}, lr {lr:.2e}, grad norm {row['grad_norm']:.3f}, "
+                          f"{1000 * dt:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s{mfu_text}{note}", flush=True)
+                    log(row)
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept, without a traceback
+        if master:
+            kept = (f"{ckpt_path} holds step {saved_iter}; continue with --init_from=resume"
+                    if saved_iter is not None else "no checkpoint was saved yet")
+            print(f"\nstopped at step {iter_num} (Ctrl-C); {kept}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
     if ddp:
         dist.destroy_process_group()
