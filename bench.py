@@ -2,9 +2,10 @@
 Benchmarks: the mHC kernels against PyTorch (eager and compiled), with a roofline column, and
 whole training steps of residual / HC / mHC GPTs.
 
-    python bench.py                      # everything, on the GPU it finds
+    python bench.py                      # the kernels and the main models, on the GPU it finds
     python bench.py --only=kernels       # Sinkhorn and stream mixing only
     python bench.py --only=e2e --n_streams=2
+    python bench.py --variants=True             # add the bf16-stream and recompute models
     python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
     python bench.py --only=e2e --profile=True   # where the mHC step's time goes, kernel by kernel
@@ -41,6 +42,7 @@ DEFAULTS = dict(
     steps=20,               # timed training steps (after warm-up)
     compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
+    variants=False,         # also the bf16-stream and recompute variants of the Triton models (a minute each to compile)
     profile=False,          # print the CUDA kernel time breakdown of the Triton mHC step
 )
 
@@ -158,9 +160,10 @@ def bench_e2e(c, device):
     if c["compiled_torch_mhc"]:
         runs.append(("mhc", "torch", True, False, "float32"))
     if triton_kernels(device):
-        runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32"),
-                 ("mhc", "triton", cc, False, "bfloat16"), ("hc", "triton", cc, False, "bfloat16"),
-                 ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
+        runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32")]
+        if c["variants"]:
+            runs += [("mhc", "triton", cc, False, "bfloat16"), ("hc", "triton", cc, False, "bfloat16"),
+                     ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
     tokens = c["batch_size"] * c["block_size"]
     print(f"\nend to end: {c['n_layer']} layers, C={c['n_embd']}, n={c['n_streams']}, "
           f"{c['batch_size']}x{c['block_size']} tokens, {dtype}, AdamW")
