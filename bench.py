@@ -27,6 +27,7 @@ import torch
 import mhc
 from configurator import settings
 from model import GPT, GPTConfig
+from train import check_system
 
 DEFAULTS = dict(
     only="all",             # "all", "kernels", "e2e", or "ptxas" (compile for sm_90, no GPU needed)
@@ -274,10 +275,9 @@ def check_settings(c):
     """The first bad setting as one line, or None."""
     if c["only"] not in ("all", "kernels", "e2e", "ptxas"):
         return f"--only={c['only']} is not known; use all, kernels, e2e or ptxas"
-    if c["device"] not in ("auto", "cpu", "cuda") and not c["device"].startswith("cuda:"):
-        return f"--device={c['device']} is not known; use auto, cpu, cuda or cuda:N"
-    if c["device"].startswith("cuda") and not torch.cuda.is_available():
-        return f"--device={c['device']} but PyTorch sees no CUDA GPU"
+    problem = check_system(dict(device=c["device"], dtype="auto"))  # train.py's check of --device
+    if problem:
+        return problem
     for key in ("matrices", "tokens", "steps", "batch_size"):
         if c[key] < 1:
             return f"--{key}={c[key]} must be at least 1"

@@ -199,15 +199,20 @@ DEFAULTS = dict(
 )
 
 
+def check_settings(cfg):
+    """The first bad setting as one line, or None."""
+    if cfg["num_proc"] < 1:
+        return f"--num_proc={cfg['num_proc']} must be at least 1"
+    if cfg["out_dir"] and os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        return f"--out_dir={cfg['out_dir']} is a file, not a folder; name a folder for the token files"
+    if bool(cfg["dataset"]) == bool(cfg["input"]):
+        return "give exactly one of --dataset=shakespeare|openwebtext or --input=PATH"
+    return None
+
+
 def main(argv):
     from configurator import settings
-    cfg = settings(DEFAULTS, argv, allow_files=False)
-    if cfg["num_proc"] < 1:
-        sys.exit(f"error: --num_proc={cfg['num_proc']} must be at least 1")
-    if cfg["out_dir"] and os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
-        sys.exit(f"error: --out_dir={cfg['out_dir']} is a file, not a folder; name a folder for the token files")
-    if bool(cfg["dataset"]) == bool(cfg["input"]):
-        sys.exit("error: give exactly one of --dataset=shakespeare|openwebtext or --input=PATH")
+    cfg = settings(DEFAULTS, argv, check_settings, allow_files=False)
     name = cfg["dataset"] or os.path.basename(os.path.normpath(cfg["input"])).split(".")[0].strip("*?[]") or "local"
     out_dir = cfg["out_dir"] or os.path.join(HERE, "data", name)
     val_fraction = cfg["val_fraction"]

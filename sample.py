@@ -14,7 +14,7 @@ import torch
 from configurator import die, settings
 from model import GPT, GPTConfig
 from prepare_data import get_tokenizer
-from train import load_checkpoint
+from train import check_system, load_checkpoint
 
 DEFAULTS = dict(
     out_dir="out",          # where ckpt.pt is
@@ -36,16 +36,7 @@ def check_settings(c):
             return f"--{key}={c[key]} must be at least {low}" + (" (0 keeps all tokens)" if key == "top_k" else "")
     if c["temperature"] < 0:
         return f"--temperature={c['temperature']} must be 0 or more (0: always the most likely token)"
-    if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
-        return f"--dtype={c['dtype']} is not known; use auto, float32, bfloat16 or float16"
-    if c["device"] != "auto":
-        try:
-            device = torch.device(c["device"])
-        except RuntimeError:
-            return f"--device={c['device']} is not a device; use auto, cpu, cuda or cuda:N"
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return f"--device={c['device']} but PyTorch sees no CUDA GPU; use --device=cpu"
-    return None
+    return check_system(c)
 
 
 def read_prompt(start):
@@ -96,8 +87,9 @@ def main(argv):
                 text = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 print(enc.decode(ids), end="", flush=True)
                 for t in model.generate_tokens(x, c["max_new_tokens"], c["temperature"], c["top_k"] or None):
-                    if t.item() < enc.n_vocab:  # the padded ids beyond GPT-2's 50257 are not text
-                        print(text.decode(enc.decode_single_token_bytes(t.item())), end="", flush=True)
+                    t = t.item()
+                    if t < enc.n_vocab:  # the padded ids beyond GPT-2's 50257 are not text
+                        print(text.decode(enc.decode_single_token_bytes(t)), end="", flush=True)
                 print(text.decode(b"", final=True))
                 print("---------------", flush=True)
     except KeyboardInterrupt:  # what was printed stays on the screen

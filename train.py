@@ -81,6 +81,27 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
               "residual", "n_streams", "sinkhorn_iters", "res_init", "stream_dtype", "dynamic", "res_mixing")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_system(c):
+    """--device and --dtype (train.py's and sample.py's): the problem as one line, or None."""
+    if c["dtype"] not in DTYPES:
+        return f"--dtype={c['dtype']} is not known; use one of: {', '.join(DTYPES)}"
+    if c["device"] == "auto":
+        return None
+    try:
+        device = torch.device(c["device"])
+    except RuntimeError:
+        return f"--device={c['device']} is not a device; use auto, cpu, cuda or cuda:N"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device={c['device']} but PyTorch sees no CUDA GPU; use --device=cpu"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return (f"--device={c['device']} but PyTorch sees {torch.cuda.device_count()} GPU(s); use cuda:0 ... "
+                f"cuda:{torch.cuda.device_count() - 1}")
+    return None
+
+
 def check_settings(c):
     """Every setting that can be wrong on its own, checked before anything is read or written:
     the first problem as one line that names the setting and what it allows, or None."""
@@ -88,9 +109,8 @@ def check_settings(c):
         GPTConfig(**{k: c[k] for k in MODEL_KEYS if k != "vocab_size"}, dropout=c["dropout"])
     except ValueError as e:
         return str(e)
-    for key, allowed in (("init_from", ("scratch", "resume")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
-        if c[key] not in allowed:
-            return f"--{key}={c[key]} is not known; use one of: {', '.join(allowed)}"
+    if c["init_from"] not in ("scratch", "resume"):
+        return f"--init_from={c['init_from']} is not known; use one of: scratch, resume"
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "max_iters"):
         if c[key] < 1:
             return f"--{key}={c[key]} must be at least 1"
@@ -109,12 +129,7 @@ def check_settings(c):
         return "--wandb_log=True needs wandb: pip install wandb"
     if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
         return f"--out_dir={c['out_dir']} is a file, not a folder; name a folder for ckpt.pt and log.jsonl"
-    if c["device"] != "auto":
-        try:
-            torch.device(c["device"])
-        except RuntimeError:
-            return f"--device={c['device']} is not a device; use auto, cpu, cuda or cuda:N"
-    return None
+    return check_system(c)
 
 
 def data_hint(data_dir):
@@ -217,8 +232,9 @@ class Data:
             die(f"{path} holds {size // 2:,} tokens but meta.json says {tokens:,}: it is not the file prepare_data.py "
                 f"wrote with that meta.json; {fix}")
         data = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(data) and data[:2**26].max() >= self.vocab_size:  # the first 128 MB whole; batch() checks the rest
-            self.bad_id(path, data[:2**26].max())
+        top = data[:2**26].max() if len(data) else 0  # the first 128 MB whole; batch() checks the rest
+        if top >= self.vocab_size:
+            self.bad_id(path, top)
         sample = np.asarray(data[np.linspace(0, len(data) - 1, min(len(data), 65536)).astype(np.int64)])
         low, high = sample & 0xFF, sample >> 8  # text read as uint16: both bytes printable characters
         text_like = ((low >= 32) | (low == 10)) & (low < 127) & ((high >= 32) | (high == 10)) & (high < 127)
@@ -237,10 +253,10 @@ class Data:
     def batch(self, split, starts):
         # a fresh memmap per batch: a long-lived one grows the process's memory (nanoGPT's note)
         data = np.memmap(self.paths[split], dtype=np.uint16, mode="r")
-        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in starts])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in starts])
-        if y.max() >= self.vocab_size:  # past what check() read whole (a few microseconds a batch)
-            self.bad_id(self.paths[split], y.max().item())
+        w = torch.stack([torch.from_numpy(data[i:i + self.block_size + 1].astype(np.int64)) for i in starts])
+        if w.max() >= self.vocab_size:  # past what check() read whole (a few microseconds a batch)
+            self.bad_id(self.paths[split], w.max().item())
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # inputs, and the same tokens one step on
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
@@ -262,11 +278,6 @@ def main(argv):
     else:
         rank, world = 0, 1
         device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            die(f"--device={device} but PyTorch sees no CUDA GPU; use --device=cpu")
-        if device.startswith("cuda:") and torch.device(device).index >= torch.cuda.device_count():
-            die(f"--device={device} but PyTorch sees {torch.cuda.device_count()} GPU(s); use cuda:0 ... "
-                f"cuda:{torch.cuda.device_count() - 1}")
     master = rank == 0
     # the micro-steps of a step are shared out between the processes; with fewer micro-steps than
     # processes (or a count that does not divide) each process still takes a whole number of them
@@ -418,15 +429,18 @@ def main(argv):
         return dict(fwd_gain=fwd, bwd_gain=bwd, dist_identity=to_id, dist_uniform=to_unif,
                     gain_by_depth=by_depth, h_res=[[[round(v, 5) for v in r] for r in m.tolist()] for m in mats])
 
+    saved_iter = iter_num if resume and not c["eval_only"] else None  # the step ckpt.pt holds
+
     def kept():
-        """What a user still has when a run stops on a non-finite loss."""
-        if c["eval_only"] or not os.path.exists(ckpt_path):
-            return "" if c["eval_only"] else "No checkpoint was saved yet. "
-        return f"The last good checkpoint stays in {ckpt_path}. "
+        """What a user still has when a run stops early (a non-finite loss, Ctrl-C)."""
+        if c["eval_only"]:
+            return ""
+        if saved_iter is None:
+            return "No checkpoint was saved yet. "
+        return f"The last good checkpoint stays: {ckpt_path} holds step {saved_iter}; continue it with --init_from=resume. "
 
     # --- the loop --------------------------------------------------------------------------------
     t0, last_log_iter, start_iter, running_mfu = time.time(), iter_num, iter_num, -1.0
-    saved_iter = iter_num if resume and not c["eval_only"] else None  # the step ckpt.pt holds
     try:
         while True:
             lr = get_lr(iter_num, c) if c["decay_lr"] else c["learning_rate"]
@@ -501,9 +515,7 @@ def main(argv):
                     log(row)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept, without a traceback
         if master:
-            kept = (f"{ckpt_path} holds step {saved_iter}; continue with --init_from=resume"
-                    if saved_iter is not None else "no checkpoint was saved yet")
-            print(f"\nstopped at step {iter_num} (Ctrl-C); {kept}", file=sys.stderr, flush=True)
+            print(f"\nstopped at step {iter_num} (Ctrl-C). {kept()}", file=sys.stderr, flush=True)
         sys.exit(130)
 
     if ddp:
