@@ -243,6 +243,7 @@ def test_mhc_gain_stays_bounded_where_hc_maps_explode():
     # 48 sublayers of real connections, moved off their init the same way (gates, biases and
     # projections of order 1): the product of HC's H_res grows without bound, mHC's keeps gain 1
     n, C, L = 4, 16, 48
+    torch.manual_seed(0)  # fixed input: HC's gain depends on it (it explodes for most inputs, not all)
     x = torch.randn(8, n, C, dtype=torch.float64)
 
     def composite_gain(make):
