@@ -14,7 +14,7 @@ Kernels are timed with triton.testing.do_bench (median); bytes are what each op 
 the least (every input read once, every output written once), and "% copy" compares the
 achieved bytes/s with a device-to-device copy measured in the same run. End to end: median ms per
 training step (forward, backward, AdamW) after warm-up, tokens/s, peak memory, and the time of
-the first step (compilation). Ratios against the residual model are the claim, not absolute
+the first step (compilation, with an empty compile cache). Ratios against the residual model are the claim, not absolute
 times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
 """
 import os
@@ -255,20 +255,23 @@ def ptxas_report():
         fields = dict(kv.split(":") for kv in usage.split("Resource usage:")[-1].split() if ":" in kv)
         print(f"{name:<34} {fields.get('REG', '?'):>5} {fields.get('STACK', '?'):>12}")
 
-    for n in (4, 8):
-        NP, BLOCK, _ = sk._sinkhorn_launch_args(1, n)
+    for n in (4, 8):  # the tiles and warps the launches use (fp32 stream)
+        NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n)
         c = dict(n=n, NP=NP, ITERS=20)
-        report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), ints=("N",))
+        report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), warps, ints=("N",))
+        NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n, backward=True)
         report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr"],
-               c | dict(TP=32, BLOCK=sk._sinkhorn_launch_args(1, n, backward=True)[1]), ints=("N",))
+               c | dict(TP=32, BLOCK=BLOCK), warps, ints=("N",))
         NP, BM, BC = sk._stream_blocks(n, 768)
         c = dict(n=n, NP=NP, BM=BM, BC=BC)
         report(f"stream_pre fwd n={n} C=768", sk._pre_fwd_kernel, ["x_ptr", "h_ptr", "out_ptr"], c)
-        report(f"stream_pre bwd n={n} C=768", sk._pre_bwd_kernel, ["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"], c)
         report(f"stream_post fwd n={n} C=768", sk._post_fwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "out_ptr"], c)
         NP, BM, BC = sk._stream_blocks(n, 768, elems=1024)
+        report(f"stream_pre bwd n={n} C=768", sk._pre_bwd_kernel, ["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"],
+               dict(n=n, NP=NP, BM=BM, BC=BC))
+        NP, BM, BC = sk._stream_blocks(n, 768, bc=64)
         report(f"stream_post bwd n={n} C=768", sk._post_bwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr",
-               "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, NP=NP, BM=BM, BC=BC))
+               "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, NP=NP, BM=BM, BC=BC), 8)
 
 
 def check_settings(c):
@@ -304,6 +307,11 @@ def main(argv):
                  steps=2, compile=False)
     else:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        # "1st step s" is a cold compile: a fresh Inductor and Triton cache, not one warmed by an
+        # earlier run (a user's first run of train.py compiles cold too)
+        import tempfile
+        cache = tempfile.mkdtemp(prefix="bench-compile-cache-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = cache + "/inductor", cache + "/triton"
     if c["only"] in ("all", "kernels"):
         bench_kernels(c, device)
     if c["only"] in ("all", "e2e"):
