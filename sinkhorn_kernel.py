@@ -114,11 +114,13 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, N, n: tl.constexpr, NP: tl.conste
 
 
 def _sinkhorn_launch_args(N, n, backward=False):
-    """NP (n padded to a power of 2), matrices per program, grid. The backward takes half as
-    many matrices: it also keeps the potentials' history in registers."""
+    """NP (n padded to a power of 2), matrices per program, warps, grid. Small programs win: on an
+    H200 (393,216 4x4) the forward is fastest with 64 matrices on 2 warps, the backward, which also
+    keeps the potentials' history in registers, with 16 matrices on 1 warp (7x and 6x faster than
+    32 and 16 matrices on 4 warps; bench.py)."""
     NP = triton.next_power_of_2(n)
-    BLOCK = max(1, min(64, 512 // (NP * NP)) // (2 if backward else 1))
-    return NP, BLOCK, (triton.cdiv(N, BLOCK),)
+    BLOCK = max(1, (256 if backward else 1024) // (NP * NP))
+    return NP, BLOCK, 1 if backward else 2, (triton.cdiv(N, BLOCK),)
 
 
 @torch.library.custom_op("mhc::sinkhorn_fwd", mutates_args=())
@@ -126,9 +128,9 @@ def sinkhorn_fwd(logits: torch.Tensor, iters: int) -> torch.Tensor:
     n = logits.shape[-1]
     L = logits.reshape(-1, n, n).contiguous()
     H = torch.empty(L.shape, dtype=torch.float32, device=L.device)
-    NP, BLOCK, grid = _sinkhorn_launch_args(L.shape[0], n)
+    NP, BLOCK, warps, grid = _sinkhorn_launch_args(L.shape[0], n)
     if L.shape[0] > 0:
-        _sinkhorn_fwd_kernel[grid](L, H, L.shape[0], n=n, NP=NP, ITERS=iters, BLOCK=BLOCK)
+        _sinkhorn_fwd_kernel[grid](L, H, L.shape[0], n=n, NP=NP, ITERS=iters, BLOCK=BLOCK, num_warps=warps)
     return H.view(logits.shape)
 
 
@@ -143,10 +145,10 @@ def sinkhorn_bwd(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.
     L = logits.reshape(-1, n, n).contiguous()
     G = grad.reshape(-1, n, n).contiguous()
     dL = torch.empty(L.shape, dtype=torch.float32, device=L.device)
-    NP, BLOCK, grid = _sinkhorn_launch_args(L.shape[0], n, backward=True)
+    NP, BLOCK, warps, grid = _sinkhorn_launch_args(L.shape[0], n, backward=True)
     if L.shape[0] > 0:
         _sinkhorn_bwd_kernel[grid](L, G, dL, L.shape[0], n=n, NP=NP, ITERS=iters,
-                                   TP=triton.next_power_of_2(iters), BLOCK=BLOCK)
+                                   TP=triton.next_power_of_2(iters), BLOCK=BLOCK, num_warps=warps)
     return dL.view(logits.shape).to(logits.dtype)
 
 
@@ -273,10 +275,13 @@ def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, d
     tl.store(dhres_ptr + offs_r, dh_res, mask=mask_r)
 
 
-def _stream_blocks(n, C, elems=2048):
-    """Tile sizes: BM tokens x NP streams x BC channels of about `elems` values."""
+def _stream_blocks(n, C, elems=4096, bc=256):
+    """Tile sizes: BM tokens x NP streams x BC channels of about `elems` values. The choices here
+    and at each launch come from a sweep of tiles and warps on an H200 (n = 4, C = 768, fp32 and
+    bf16 streams; BENCHMARKS.md): with a bf16 stream, the old 128-channel tiles ran the kernels at
+    4-28% of copy bandwidth, these at 71-89%."""
     NP = triton.next_power_of_2(n)
-    BC = min(triton.next_power_of_2(C), 128)
+    BC = min(triton.next_power_of_2(C), bc)
     BM = max(1, elems // (NP * BC))
     return NP, BM, BC
 
@@ -314,7 +319,7 @@ def stream_pre_bwd(g: torch.Tensor, x: torch.Tensor, H_pre: torch.Tensor) -> tup
     xf, hf, gf = _flat(x, n), H_pre.reshape(-1, n).float().contiguous(), g.reshape(-1, C).contiguous()
     dx = torch.empty_like(xf)
     dh = torch.empty(xf.shape[0], n, dtype=torch.float32, device=x.device)
-    NP, BM, BC = _stream_blocks(n, C)
+    NP, BM, BC = _stream_blocks(n, C, elems=1024)  # one token a program at n = 4: the loop over C is the work
     if xf.shape[0] > 0:
         _pre_bwd_kernel[(triton.cdiv(xf.shape[0], BM),)](xf, hf, gf, dx, dh, xf.shape[0], C, n=n, NP=NP, BM=BM, BC=BC)
     return dx.view(x.shape), dh.view(H_pre.shape).to(H_pre.dtype)
@@ -364,10 +369,13 @@ def stream_post_bwd(g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, H_res: to
     dx, dy = torch.empty_like(xf), torch.empty_like(yf)
     dres = torch.empty(rf.shape, dtype=torch.float32, device=x.device)
     dpost = torch.empty(pf.shape, dtype=torch.float32, device=x.device)
-    NP, BM, BC = _stream_blocks(n, C, elems=1024)  # g, x and the n x n sums: a smaller tile
+    # many tokens a program, 256 bytes of channels a row: 2.3x (fp32) and 20x (bf16) faster than
+    # the forward's tile
+    NP, BM, BC = _stream_blocks(n, C, bc=256 // xf.element_size())
     if xf.shape[0] > 0:
         _post_bwd_kernel[(triton.cdiv(xf.shape[0], BM),)](xf, yf, rf, pf, gf, dx, dy, dres, dpost, xf.shape[0], C,
-                                                          n=n, NP=NP, BM=BM, BC=BC)
+                                                          n=n, NP=NP, BM=BM, BC=BC,
+                                                          num_warps=8 if xf.element_size() >= 4 else 4)
     return (dx.view(x.shape), dy.view(y.shape), dres.view(H_res.shape).to(H_res.dtype),
             dpost.view(H_post.shape).to(H_post.dtype))
 
