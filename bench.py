@@ -5,6 +5,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py                      # the kernels and the main models, on the GPU it finds
     python bench.py --only=kernels       # Sinkhorn and stream mixing only
     python bench.py --only=e2e --n_streams=2
+    python bench.py --only=e2e --models=residual,mhc    # a quick check: two models, about two minutes
     python bench.py --variants=True             # add the bf16-stream and recompute models
     python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
@@ -41,6 +42,7 @@ DEFAULTS = dict(
     batch_size=16,          # sequences per step
     block_size=1024,        # tokens per sequence
     steps=20,               # timed training steps (after warm-up)
+    models="residual,hc,mhc",  # the end-to-end models; e.g. --models=residual,mhc for a quick check
     compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
     variants=False,         # also the bf16-stream and recompute variants of the Triton models (a minute each to compile)
@@ -165,6 +167,7 @@ def bench_e2e(c, device):
         if c["variants"]:
             runs += [("mhc", "triton", cc, False, "bfloat16"), ("hc", "triton", cc, False, "bfloat16"),
                      ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
+    runs = [run for run in runs if run[0] in c["models"].split(",")]
     tokens = c["batch_size"] * c["block_size"]
     print(f"\nend to end: {c['n_layer']} layers, C={c['n_embd']}, n={c['n_streams']}, "
           f"{c['batch_size']}x{c['block_size']} tokens, {dtype}, AdamW")
@@ -281,6 +284,11 @@ def check_settings(c):
     problem = check_system(dict(device=c["device"], dtype="auto"))  # train.py's check of --device
     if problem:
         return problem
+    unknown = [m for m in c["models"].split(",") if m not in ("residual", "hc", "mhc")]
+    if unknown:
+        return f"--models={c['models']}: {unknown[0]!r} is not a model here; use a comma list of residual, hc, mhc"
+    if "residual" not in c["models"].split(","):
+        return f"--models={c['models']} leaves out residual, which every ratio is against; add it"
     for key in ("matrices", "tokens", "steps", "batch_size"):
         if c[key] < 1:
             return f"--{key}={c[key]} must be at least 1"
