@@ -8,6 +8,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=e2e --models=residual,mhc    # a quick check: two models, about two minutes
     python bench.py --variants=True             # add the bf16-stream and recompute models
     python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
+    python bench.py --only=e2e --peers=True     # add Liger-Kernel's LigerMHC (pip install liger-kernel)
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
     python bench.py --only=e2e --profile=True   # where the mHC step's time goes, kernel by kernel
 
@@ -18,12 +19,14 @@ training step (forward, backward, AdamW) after warm-up, tokens/s, peak memory, a
 the first step (compilation, with an empty compile cache). Ratios against the residual model are the claim, not absolute
 times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
 """
+import importlib.util
 import os
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn as nn
 
 import mhc
 from configurator import settings
@@ -46,6 +49,7 @@ DEFAULTS = dict(
     compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
     variants=False,         # also the bf16-stream and recompute variants of the Triton models (a minute each to compile)
+    peers=False,            # also Liger-Kernel's LigerMHC in our GPT, beside our mHC with the same bf16 stream
     profile=False,          # print the CUDA kernel time breakdown of the Triton mHC step
 )
 
@@ -167,6 +171,10 @@ def bench_e2e(c, device):
         if c["variants"]:
             runs += [("mhc", "triton", cc, False, "bfloat16"), ("hc", "triton", cc, False, "bfloat16"),
                      ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
+        if c["peers"]:  # Liger's mHC keeps its stream in bf16: ours with the same stream beside it
+            if not c["variants"]:
+                runs.append(("mhc", "triton", cc, False, "bfloat16"))
+            runs.append(("mhc", "liger", cc, False, "bfloat16"))
     runs = [run for run in runs if run[0] in c["models"].split(",")]
     tokens = c["batch_size"] * c["block_size"]
     print(f"\nend to end: {c['n_layer']} layers, C={c['n_embd']}, n={c['n_streams']}, "
@@ -179,8 +187,11 @@ def bench_e2e(c, device):
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        model = GPT(GPTConfig(residual=residual, kernel=kernel, recompute=recompute, stream_dtype=stream_dtype,
-                              **shape)).to(device)
+        model = GPT(GPTConfig(residual=residual, kernel="torch" if kernel == "liger" else kernel, recompute=recompute,
+                              stream_dtype=stream_dtype, **shape))
+        if kernel == "liger":
+            with_liger_connections(model)
+        model.to(device)
         opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
         step_model = torch.compile(model) if compiled else model
         x = torch.randint(0, 50257, (c["batch_size"], c["block_size"]), device=device)
@@ -202,13 +213,32 @@ def bench_e2e(c, device):
         ms = bench_fn(step, device) if device != "cuda" else _median_steps(step, c["steps"])
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         base = base or (ms, peak)
-        label = (f"{residual}, {kernel}{', compiled' if compiled else ', eager'}{', recompute' if recompute else ''}"
+        label = (f"{residual}, {'Liger-Kernel LigerMHC' if kernel == 'liger' else kernel}{', compiled' if compiled else ', eager'}{', recompute' if recompute else ''}"
                  f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}")
         print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
               f"{peak / base[1]:7.2f}x {first:10.1f}")
         if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute:
             profile_steps(step, label)
         del model, opt, step_model
+
+
+def with_liger_connections(model):
+    """Put Liger-Kernel's LigerMHC in place of every connection of an mHC GPT, wrapping the same
+    sublayers (with their pre-norms): the same model with Liger's maps and kernels (--peers=True)."""
+    from liger_kernel.transformers import LigerMHC
+    n, C = model.config.n_streams, model.config.n_embd
+
+    class Peer(nn.Module):
+        """Our blocks call conn(x, sublayer); LigerMHC calls the layer it wraps."""
+        def __init__(self, norm, layer):
+            super().__init__()
+            self.mhc = LigerMHC(nn.Sequential(norm, layer), hc=n, c=C, phi_dtype=torch.bfloat16, allow_fp32=True)
+
+        def forward(self, x, sublayer):
+            return self.mhc(x)
+
+    for block in model.transformer.h:
+        block.conn_attn, block.conn_mlp = Peer(block.ln_1, block.attn), Peer(block.ln_2, block.mlp)
 
 
 def profile_steps(step, label, top=25):
@@ -284,6 +314,8 @@ def check_settings(c):
     problem = check_system(dict(device=c["device"], dtype="auto"))  # train.py's check of --device
     if problem:
         return problem
+    if c["peers"] and importlib.util.find_spec("liger_kernel") is None:
+        return "--peers=True times Liger-Kernel's LigerMHC, which is not installed here: pip install liger-kernel"
     unknown = [m for m in c["models"].split(",") if m not in ("residual", "hc", "mhc")]
     if unknown:
         return f"--models={c['models']}: {unknown[0]!r} is not a model here; use a comma list of residual, hc, mhc"

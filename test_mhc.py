@@ -1066,6 +1066,13 @@ def test_bench_bad_settings(args, fragment, capsys):
     assert fragment in stops_with(bench.main, args, capsys)
 
 
+def test_bench_peers_need_liger(monkeypatch, capsys):
+    # Liger-Kernel is an optional peer: asking for it without it installed is one line, not a traceback
+    import bench
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    assert "pip install liger-kernel" in stops_with(bench.main, ["--peers=True"], capsys)
+
+
 @slow
 def test_ctrl_c_stops_training_and_says_what_is_kept(data_dir, tmp_path):
     import signal
