@@ -290,21 +290,21 @@ def ptxas_report():
 
     for n in (4, 8):  # the tiles and warps the launches use (fp32 stream)
         NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n)
-        c = dict(n=n, NP=NP, ITERS=20)
+        c = dict(n=n, N_PAD=NP, ITERS=20)
         report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), warps, ints=("N",))
         NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n, backward=True)
         report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr"],
-               c | dict(TP=32, BLOCK=BLOCK), warps, ints=("N",))
+               c | dict(ITERS_PAD=32, BLOCK=BLOCK), warps, ints=("N",))
         NP, BM, BC = sk._stream_blocks(n, 768)
-        c = dict(n=n, NP=NP, BM=BM, BC=BC)
+        c = dict(n=n, N_PAD=NP, BM=BM, BC=BC)
         report(f"stream_pre fwd n={n} C=768", sk._pre_fwd_kernel, ["x_ptr", "h_ptr", "out_ptr"], c)
         report(f"stream_post fwd n={n} C=768", sk._post_fwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "out_ptr"], c)
         NP, BM, BC = sk._stream_blocks(n, 768, elems=1024)
         report(f"stream_pre bwd n={n} C=768", sk._pre_bwd_kernel, ["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"],
-               dict(n=n, NP=NP, BM=BM, BC=BC))
+               dict(n=n, N_PAD=NP, BM=BM, BC=BC))
         NP, BM, BC = sk._stream_blocks(n, 768, bc=64)
         report(f"stream_post bwd n={n} C=768", sk._post_bwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr",
-               "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, NP=NP, BM=BM, BC=BC), 8)
+               "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, N_PAD=NP, BM=BM, BC=BC), 8)
 
 
 def check_settings(c):
