@@ -277,15 +277,23 @@ def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, d
     tl.store(dhres_ptr + offs_r, dh_res, mask=mask_r)
 
 
-def _stream_blocks(n, C, elems=4096, bc=256):
-    """Tile sizes: BM tokens x N_PAD streams x BC channels of about `elems` values. The choices here
-    and at each launch come from a sweep of tiles and warps on an H200 (n = 4, C = 768, fp32 and
-    bf16 streams; BENCHMARKS.md): with a bf16 stream, the old 128-channel tiles ran the kernels at
-    4-28% of copy bandwidth, these at 71-89%."""
+# The fastest tiles of a sweep on an H200 (n = 4, C = 768, 16k tokens; BENCHMARKS.md has it):
+# values a tile, channels a tile row, warps; for a stream of 4-byte (fp32) and 2-byte (bf16) values.
+# Every kernel then runs at 71-94% of copy bandwidth; the bf16 stream at 4-28% with fp32's tiles.
+_TILES = {
+    "pre_fwd": {4: (4096, 256, 8), 2: (4096, 256, 4)},
+    "pre_bwd": {4: (1024, 256, 8), 2: (1024, 256, 4)},   # one token a program: the loop over C is the work
+    "post_fwd": {4: (2048, 256, 4), 2: (4096, 256, 4)},
+    "post_bwd": {4: (4096, 64, 8), 2: (4096, 128, 4)},   # many tokens a program, 256 bytes a row
+}
+
+
+def _stream_tiles(kernel, n, C, value_bytes):
+    """N_PAD, BM tokens and BC channels a program, and warps, for a [BM, N_PAD, BC] tile."""
+    elems, bc, warps = _TILES[kernel][min(value_bytes, 4)]  # fp64 (a test's oracle input) as fp32
     N_PAD = triton.next_power_of_2(n)
     BC = min(triton.next_power_of_2(C), bc)
-    BM = max(1, elems // (N_PAD * BC))
-    return N_PAD, BM, BC
+    return N_PAD, max(1, elems // (N_PAD * BC)), BC, warps
 
 
 def _compute_dtype(x):
@@ -304,10 +312,10 @@ def stream_pre(x: torch.Tensor, H_pre: torch.Tensor) -> torch.Tensor:
     n, C = x.shape[-2:]
     xf, hf = _flat(x, n), H_pre.reshape(-1, n).float().contiguous()
     out = torch.empty(xf.shape[0], C, dtype=_compute_dtype(x), device=x.device)
-    N_PAD, BM, BC = _stream_blocks(n, C)
+    N_PAD, BM, BC, warps = _stream_tiles("pre_fwd", n, C, xf.element_size())
     if xf.shape[0] > 0:
-        _pre_fwd_kernel[(triton.cdiv(xf.shape[0], BM), triton.cdiv(C, BC))](xf, hf, out, xf.shape[0], C,
-                                                                             n=n, N_PAD=N_PAD, BM=BM, BC=BC)
+        _pre_fwd_kernel[(triton.cdiv(xf.shape[0], BM), triton.cdiv(C, BC))](xf, hf, out, xf.shape[0], C, n=n, N_PAD=N_PAD,
+                                                                             BM=BM, BC=BC, num_warps=warps)
     return out.view(*x.shape[:-2], C)
 
 
@@ -322,10 +330,10 @@ def stream_pre_bwd(g: torch.Tensor, x: torch.Tensor, H_pre: torch.Tensor) -> tup
     xf, hf, gf = _flat(x, n), H_pre.reshape(-1, n).float().contiguous(), g.reshape(-1, C).contiguous()
     dx = torch.empty_like(xf)
     dh = torch.empty(xf.shape[0], n, dtype=torch.float32, device=x.device)
-    N_PAD, BM, BC = _stream_blocks(n, C, elems=1024)  # one token a program at n = 4: the loop over C is the work
+    N_PAD, BM, BC, warps = _stream_tiles("pre_bwd", n, C, xf.element_size())
     if xf.shape[0] > 0:
-        _pre_bwd_kernel[(triton.cdiv(xf.shape[0], BM),)](xf, hf, gf, dx, dh, xf.shape[0], C,
-                                                         n=n, N_PAD=N_PAD, BM=BM, BC=BC)
+        _pre_bwd_kernel[(triton.cdiv(xf.shape[0], BM),)](xf, hf, gf, dx, dh, xf.shape[0], C, n=n, N_PAD=N_PAD,
+                                                         BM=BM, BC=BC, num_warps=warps)
     return dx.view(x.shape), dh.view(H_pre.shape).to(H_pre.dtype)
 
 
@@ -352,10 +360,11 @@ def stream_post(x: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: t
     xf, yf = _flat(x, n), y.reshape(-1, C).contiguous()
     rf, pf = H_res.reshape(-1, n, n).float().contiguous(), H_post.reshape(-1, n).float().contiguous()
     out = torch.empty_like(xf)
-    N_PAD, BM, BC = _stream_blocks(n, C)
+    N_PAD, BM, BC, warps = _stream_tiles("post_fwd", n, C, xf.element_size())
     if xf.shape[0] > 0:
         _post_fwd_kernel[(triton.cdiv(xf.shape[0], BM), triton.cdiv(C, BC))](xf, yf, rf, pf, out, xf.shape[0], C,
-                                                                               n=n, N_PAD=N_PAD, BM=BM, BC=BC)
+                                                                               n=n, N_PAD=N_PAD, BM=BM, BC=BC,
+                                                                               num_warps=warps)
     return out.view(x.shape)
 
 
@@ -373,13 +382,10 @@ def stream_post_bwd(g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, H_res: to
     dx, dy = torch.empty_like(xf), torch.empty_like(yf)
     dres = torch.empty(rf.shape, dtype=torch.float32, device=x.device)
     dpost = torch.empty(pf.shape, dtype=torch.float32, device=x.device)
-    # many tokens a program, 256 bytes of channels a row: 2.3x (fp32) and 20x (bf16) faster than
-    # the forward's tile
-    N_PAD, BM, BC = _stream_blocks(n, C, bc=256 // xf.element_size())
+    N_PAD, BM, BC, warps = _stream_tiles("post_bwd", n, C, xf.element_size())
     if xf.shape[0] > 0:
         _post_bwd_kernel[(triton.cdiv(xf.shape[0], BM),)](xf, yf, rf, pf, gf, dx, dy, dres, dpost, xf.shape[0], C,
-                                                          n=n, N_PAD=N_PAD, BM=BM, BC=BC,
-                                                          num_warps=8 if xf.element_size() >= 4 else 4)
+                                                          n=n, N_PAD=N_PAD, BM=BM, BC=BC, num_warps=warps)
     return (dx.view(x.shape), dy.view(y.shape), dres.view(H_res.shape).to(H_res.dtype),
             dpost.view(H_post.shape).to(H_post.dtype))
 
