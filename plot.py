@@ -10,7 +10,9 @@ grad_norm.png gradient norm against step
 gain.png      composite forward/backward gain of H_res against depth (last eval) and against step
 depth.png     gain and distance to the uniform matrix of the composite H_res against depth (last eval)
 h_res.png     the batch-mean H_res of the first, middle and last sublayer (last eval)
-The table (markdown, on stdout) has the final losses, speed, memory, gains and distances.
+The table (markdown, on stdout) has the final losses, speed, memory, gains and distances, and
+each label's final val loss minus the first label's, paired run by run (give the seeds in the
+same order in every group), with whether that difference is beyond the first label's seed spread.
 Needs matplotlib (pip install matplotlib).
 """
 import os
@@ -50,9 +52,23 @@ def summary(values):
     return text + (f" ± {spread:.2g}" if len(values) > 1 and spread >= 1e-4 * abs(mean) else "")  # not ± 8e-08
 
 
+def paired_difference(runs, base_runs):
+    """Final val loss minus the first group's, run k against run k (the same seed when the seeds are
+    given in the same order): 'mean ± half the spread', and whether the mean is beyond the first
+    group's own seed spread ('' with a single baseline run or a different number of runs)."""
+    final = lambda rs: [evals[-1]["val_loss"] for evals, _ in rs]
+    if len(runs) != len(base_runs) or runs is base_runs:
+        return "", ""
+    diffs = [a - b for a, b in zip(final(runs), final(base_runs))]
+    noise = max(final(base_runs)) - min(final(base_runs))
+    beyond = ("yes" if abs(statistics.fmean(diffs)) > noise else "no") if len(base_runs) > 1 else ""
+    return summary(diffs), beyond
+
+
 def table(groups):
-    cols = ["mode", "runs", "val loss", "2nd val loss", "tokens/s", "peak GiB", "fwd gain", "bwd gain",
-            "max fwd gain", "‖P−I‖", "‖P−J/n‖"]
+    base = next(iter(groups))  # differences are against the first label (put the residual model first)
+    cols = ["mode", "runs", "val loss", f"Δ val vs {base}", "beyond seed spread", "2nd val loss", "tokens/s",
+            "peak GiB", "fwd gain", "bwd gain", "max fwd gain", "‖P−I‖", "‖P−J/n‖"]
     rows = []
     for label, runs in groups.items():
         last = [evals[-1] for evals, _ in runs]
@@ -60,8 +76,8 @@ def table(groups):
         speed = summary([statistics.median(r["tokens_per_s"] for r in steps[1:] or steps) for _, steps in runs])
         mem = summary([max((r["peak_mem_gib"] for r in steps if "peak_mem_gib" in r), default=None) for _, steps in runs])
         top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
-        rows.append([label, str(len(runs)), col("val_loss"), col("extra_val_loss"), speed, mem, col("fwd_gain"),
-                     col("bwd_gain"), top, col("dist_identity"), col("dist_uniform")])
+        rows.append([label, str(len(runs)), col("val_loss"), *paired_difference(runs, groups[base]), col("extra_val_loss"),
+                     speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform")])
     keep = [j for j in range(len(cols)) if any(row[j] for row in rows)]  # no empty column (peak GiB on a CPU)
     return "\n".join(["| " + " | ".join(cols[j] for j in keep) + " |", "|" + "---|" * len(keep)] +
                      ["| " + " | ".join(row[j] for j in keep) + " |" for row in rows])
