@@ -16,6 +16,10 @@ import torch
 
 if not torch.cuda.is_available():  # run the Triton kernels in Triton's CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # pytest-xdist: each worker process gets its share of the cores; N workers each using every
+    # core oversubscribe the CPU many times over and the CPU-bound tests crawl
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import mhc
 from model import GPT, GPTConfig
