@@ -10,11 +10,14 @@ grad_norm.png gradient norm against step
 gain.png      composite forward/backward gain of H_res against depth (last eval) and against step
 depth.png     gain and distance to the uniform matrix of the composite H_res against depth (last eval)
 h_res.png     the batch-mean H_res of the first, middle and last sublayer (last eval)
+moved.png     how far each sublayer's H_res has moved from its first logged value (the init, when
+              the log starts at step 0) against step: the mean over sublayers and the largest
 The table (markdown, on stdout) has the final losses, speed, memory, gains and distances, and
 each label's final val loss minus the first label's, paired run by run (give the seeds in the
 same order in every group), with whether that difference is beyond the first label's seed spread.
 Needs matplotlib (pip install matplotlib).
 """
+import math
 import os
 import statistics
 import sys
@@ -40,6 +43,16 @@ def uniform_by_depth(mats):
     """Distance to J/n of the composite H_res over the first d sublayers, for each d (train.py
     logs the gains by depth, not the distances; L products of a few 4x4 matrices, cheap)."""
     return [mhc.composite_distance(mats[:d])[1] for d in range(1, len(mats) + 1)]
+
+
+def moved(evals):
+    """At each eval: (mean, largest) over sublayers of ‖H_res − H_res at the first eval‖ (Frobenius)."""
+    first = [sum(m, []) for m in evals[0]["h_res"]]
+    out = []
+    for r in evals:
+        d = [math.dist(sum(m, []), f) for m, f in zip(r["h_res"], first)]
+        out.append((statistics.fmean(d), max(d)))
+    return out
 
 
 def summary(values):
@@ -68,7 +81,7 @@ def paired_difference(runs, base_runs):
 def table(groups):
     base = next(iter(groups))  # differences are against the first label (put the residual model first)
     cols = ["mode", "runs", "val loss", f"Δ val vs {base}", "beyond seed spread", "2nd val loss", "tokens/s",
-            "peak GiB", "fwd gain", "bwd gain", "max fwd gain", "‖P−I‖", "‖P−J/n‖"]
+            "peak GiB", "fwd gain", "bwd gain", "max fwd gain", "‖P−I‖", "‖P−J/n‖", "H_res moved"]
     rows = []
     for label, runs in groups.items():
         last = [evals[-1] for evals, _ in runs]
@@ -77,7 +90,8 @@ def table(groups):
         mem = summary([max((r["peak_mem_gib"] for r in steps if "peak_mem_gib" in r), default=None) for _, steps in runs])
         top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
         rows.append([label, str(len(runs)), col("val_loss"), *paired_difference(runs, groups[base]), col("extra_val_loss"),
-                     speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform")])
+                     speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform"),
+                     summary([moved(evals)[-1][0] if "h_res" in evals[0] else None for evals, _ in runs])])
     keep = [j for j in range(len(cols)) if any(row[j] for row in rows)]  # no empty column (peak GiB on a CPU)
     return "\n".join(["| " + " | ".join(cols[j] for j in keep) + " |", "|" + "---|" * len(keep)] +
                      ["| " + " | ".join(row[j] for j in keep) + " |" for row in rows])
@@ -193,6 +207,16 @@ def main(argv):
                 ax.set_yticks([])
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
         save(fig, "h_res.png")
+
+        fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+        for label, group in streams.items():
+            for k, (evals, _) in enumerate(group):
+                steps, dist = [r["iter"] for r in evals], moved(evals)
+                lines(ax, label, k, steps, [d[0] for d in dist], name=f"{label}, mean over sublayers")
+                lines(ax, label, k, steps, [d[1] for d in dist], ":", name=f"{label}, largest")
+        ax.set(xlabel="step", ylabel=f"‖H_res − H_res at step {evals[0]['iter']}‖", title="how far the maps move")
+        ax.legend(fontsize=7)
+        save(fig, "moved.png")
     print(table(groups))
     print("wrote " + ", ".join(written))
 

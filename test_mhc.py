@@ -857,7 +857,7 @@ def test_plot_makes_the_readme_pictures(data_dir, tmp_root, tmp_path):
     pytest.importorskip("matplotlib")  # optional dependency; .ci/run installs it
     runs = [train_once(data_dir, tmp_root, r)[0] for r in ("residual", "hc", "mhc")]
     p = run("plot.py", *runs, f"--out_dir={tmp_path}", "--labels=residual,HC,mHC")
-    for name in ("loss.png", "grad_norm.png", "gain.png", "depth.png", "h_res.png"):
+    for name in ("loss.png", "grad_norm.png", "gain.png", "depth.png", "h_res.png", "moved.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "wrote" in p.stdout
     header, _, *lines = [[cell.strip() for cell in line.split("|")[1:-1]] for line in p.stdout.splitlines() if line.startswith("|")]
@@ -866,6 +866,9 @@ def test_plot_makes_the_readme_pictures(data_dir, tmp_root, tmp_path):
     assert float(rows["mHC"]["val loss"]) == pytest.approx(final["mHC"]["val_loss"], rel=1e-3)
     assert rows["residual"]["fwd gain"] == "" and float(rows["mHC"]["fwd gain"]) == pytest.approx(1.0, abs=1e-3)
     assert "peak GiB" not in header and "2nd val loss" not in header  # no empty columns (CPU, no --extra_val)
+    logged = [row for row in read_log(runs[2]) if "h_res" in row]  # mHC's evals: how far H_res moved from step 0
+    moved = np.mean([np.linalg.norm(np.subtract(a, b)) for a, b in zip(logged[-1]["h_res"], logged[0]["h_res"])])
+    assert float(rows["mHC"]["H_res moved"]) == pytest.approx(moved, rel=1e-3) and rows["residual"]["H_res moved"] == ""
     # runs that share a label (seeds) make one row: their mean, ± half the spread
     p = run("plot.py", runs[1], runs[2], f"--out_dir={tmp_path}", "--labels=both,both", "--prefix=seeds_")
     both = next(line for line in p.stdout.splitlines() if line.startswith("| both | 2 |"))
