@@ -344,6 +344,8 @@ def main(argv):
                  steps=2, compile=False)
     else:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: the maps' fp32 projection may use TF32
+        torch.backends.cudnn.allow_tf32 = True
         # "1st step s" is a cold compile: a fresh Inductor and Triton cache, not one warmed by an
         # earlier run (a user's first run of train.py compiles cold too)
         import tempfile
