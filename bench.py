@@ -213,7 +213,8 @@ def bench_e2e(c, device):
         ms = bench_fn(step, device) if device != "cuda" else _median_steps(step, c["steps"])
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         base = base or (ms, peak)
-        label = (f"{residual}, {'Liger-Kernel LigerMHC' if kernel == 'liger' else kernel}{', compiled' if compiled else ', eager'}{', recompute' if recompute else ''}"
+        name = "Liger-Kernel LigerMHC" if kernel == "liger" else kernel
+        label = (f"{residual}, {name}, {'compiled' if compiled else 'eager'}{', recompute' if recompute else ''}"
                  f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}")
         print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
               f"{peak / base[1]:7.2f}x {first:10.1f}")
@@ -291,13 +292,15 @@ def ptxas_report():
     for n in (4, 8):  # the tiles and warps the launches use (fp32 stream)
         NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n)
         c = dict(n=n, N_PAD=NP, ITERS=20)
-        report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), warps, ints=("N",))
+        report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), warps,
+               ints=("N",))
         NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n, backward=True)
         report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr"],
                c | dict(ITERS_PAD=32, BLOCK=BLOCK), warps, ints=("N",))
         ptrs = dict(pre_fwd=["x_ptr", "h_ptr", "out_ptr"], pre_bwd=["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"],
                     post_fwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "out_ptr"],
-                    post_bwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr", "dy_ptr", "dhres_ptr", "dhpost_ptr"])
+                    post_bwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr", "dy_ptr", "dhres_ptr",
+                              "dhpost_ptr"])
         for kernel, names in ptrs.items():
             NP, BM, BC, warps = sk._stream_tiles(kernel, n, 768, 4)
             report(f"stream_{kernel.replace('_', ' ')} n={n} C=768", getattr(sk, f"_{kernel}_kernel"), names,

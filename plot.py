@@ -89,8 +89,8 @@ def table(groups):
         speed = summary([statistics.median(r["tokens_per_s"] for r in steps[1:] or steps) for _, steps in runs])
         mem = summary([max((r["peak_mem_gib"] for r in steps if "peak_mem_gib" in r), default=None) for _, steps in runs])
         top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
-        rows.append([label, str(len(runs)), col("val_loss"), *paired_difference(runs, groups[base]), col("extra_val_loss"),
-                     speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform"),
+        rows.append([label, str(len(runs)), col("val_loss"), *paired_difference(runs, groups[base]),
+                     col("extra_val_loss"), speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform"),
                      summary([moved(evals)[-1][0] if "h_res" in evals[0] else None for evals, _ in runs])])
     keep = [j for j in range(len(cols)) if any(row[j] for row in rows)]  # no empty column (peak GiB on a CPU)
     return "\n".join(["| " + " | ".join(cols[j] for j in keep) + " |", "|" + "---|" * len(keep)] +
