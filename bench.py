@@ -120,6 +120,10 @@ def bench_kernels(c, device):
             row(f"sinkhorn {n}x{n} x{N} fwd, {label}", ms, fwd_bytes, bw, base.setdefault("f", ms))
             ms = bench_fn(fwd_bwd(lambda L: fn(L, 20), [L], [G]), device)
             row(f"sinkhorn {n}x{n} x{N} fwd+bwd, {label}", ms, bwd_bytes, bw, base.setdefault("b", ms))
+        if K:  # the backward kernel alone (it recomputes the forward on chip)
+            with torch.no_grad():
+                ms = bench_fn(lambda: K.sinkhorn_bwd(G, L, 20), device)
+            row(f"sinkhorn {n}x{n} x{N} bwd kernel, triton", ms, 3 * N * n * n * 4, bw)
     # stream mixing of one sublayer: x [M, n, C] fp32 stream, y [M, C] bf16 sublayer output
     n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
     x = torch.randn(M, n, C, device=device, requires_grad=True)
@@ -153,6 +157,13 @@ def bench_kernels(c, device):
             row(f"{name} n={n} C={C} x{M} fwd, {label}", ms, fbytes, bw, base.setdefault("f", ms))
             ms = bench_fn(make_bwd(impl), device)
             row(f"{name} n={n} C={C} x{M} fwd+bwd, {label}", ms, fbytes + bbytes, bw, base.setdefault("b", ms))
+    if K:  # the backward kernels alone, without autograd around them: their own share of copy bandwidth
+        with torch.no_grad():
+            g_in, g_out = torch.ones(M, C, device=device), torch.ones(M, n, C, device=device)
+            ms = bench_fn(lambda: K.stream_pre_bwd(g_in, x, h_pre), device)
+            row(f"stream_pre n={n} C={C} x{M} bwd kernel, triton", ms, 2 * xb + M * C * 4 + M * n * 4, bw)
+            ms = bench_fn(lambda: K.stream_post_bwd(g_out, x, y, h_res, h_post), device)
+            row(f"stream_post n={n} C={C} x{M} bwd kernel, triton", ms, 3 * xb + 2 * yb + cb, bw)
 
 
 def bench_e2e(c, device):
