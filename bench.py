@@ -197,7 +197,8 @@ def bench_e2e(c, device):
         label = (f"{residual}, {name}, {'compiled' if compiled else 'eager'}{', recompute' if recompute else ''}"
                  f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}")
         try:
-            ms, peak, first, step = time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, stream_dtype)
+            ms, peak, first, step = time_model(c, device, ctx, shape, residual, kernel, compiled, recompute,
+                                               stream_dtype)
         except Exception as e:  # a peer's failure costs its row, not the table
             if kernel != "liger":
                 raise
