@@ -14,10 +14,11 @@ whole training steps of residual / HC / mHC GPTs.
 
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
 the least (every input read once, every output written once), and "% copy" compares the
-achieved bytes/s with a device-to-device copy measured in the same run. End to end: median ms per
-training step (forward, backward, AdamW) after warm-up, tokens/s, peak memory, and the time of
-the first step (compilation, with an empty compile cache). Ratios against the residual model are the claim, not absolute
-times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
+achieved bytes/s with a device-to-device copy measured in the same run. "fwd+bwd" rows go through
+autograd; "bwd kernel" rows time a backward kernel alone. End to end: median ms per training step
+(forward, backward, AdamW) after warm-up, tokens/s, peak memory, and the time of the first step
+(compilation, with an empty compile cache). Ratios against the residual model are the claim, not
+absolute times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
 """
 import importlib.util
 import os
