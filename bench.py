@@ -56,9 +56,12 @@ DEFAULTS = dict(
 
 
 def triton_kernels(device):
-    """The Triton kernels when they can run here: on a GPU, or on the CPU in Triton's interpreter."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return mhc.triton_kernels if device == "cuda" or interpreted else None
+    """The Triton kernels when they can run here (mhc.ops decides: on a GPU, or on the CPU in
+    Triton's interpreter), else None."""
+    try:
+        return mhc.ops("triton", torch.empty(0, device=device))
+    except RuntimeError:
+        return None
 
 
 def bench_fn(fn, device):
@@ -133,23 +136,16 @@ def bench_kernels(c, device):
     h_res = torch.rand(M, n, n, device=device, requires_grad=True)
     h_post = torch.rand(M, n, device=device, requires_grad=True)
     xb, yb, cb = M * n * C * 4, M * C * 2, M * (n * n + 2 * n) * 4
+    g_in, g_out = torch.ones(M, C, device=device), torch.ones(M, n, C, device=device)  # upstream gradients
     ops = [("stream_pre", lambda f: (lambda: f.stream_pre(x, h_pre)), xb + M * C * 4 + M * n * 4,
-            lambda f: fwd_bwd(f.stream_pre, [x, h_pre], [torch.ones(M, C, device=device)]), 2 * xb + 2 * M * C * 4),
+            lambda f: fwd_bwd(f.stream_pre, [x, h_pre], [g_in]), 2 * xb + 2 * M * C * 4),
            ("stream_post", lambda f: (lambda: f.stream_post(x, y, h_res, h_post)), 2 * xb + yb + cb,
-            lambda f: fwd_bwd(f.stream_post, [x, y, h_res, h_post], [torch.ones(M, n, C, device=device)]),
-            3 * xb + 2 * yb + 2 * cb)]
-
-    class Eager:
-        stream_pre, stream_post = mhc.stream_pre, mhc.stream_post
+            lambda f: fwd_bwd(f.stream_post, [x, y, h_res, h_post], [g_out]), 3 * xb + 2 * yb + 2 * cb)]
 
     class Compiled:
-        stream_pre = torch.compile(mhc.stream_pre) if c["compile"] else None
-        stream_post = torch.compile(mhc.stream_post) if c["compile"] else None
+        stream_pre, stream_post = torch.compile(mhc.stream_pre), torch.compile(mhc.stream_post)
 
-    class Triton:
-        stream_pre, stream_post = (K.stream_pre, K.stream_post) if K else (None, None)
-
-    impls = [("torch eager", Eager)] + ([("torch.compile", Compiled)] if c["compile"] else []) + ([("triton", Triton)] if K else [])
+    impls = [("torch eager", mhc)] + ([("torch.compile", Compiled)] if c["compile"] else []) + ([("triton", K)] if K else [])
     for name, make_fwd, fbytes, make_bwd, bbytes in ops:
         base = {}
         for label, impl in impls:
@@ -160,7 +156,6 @@ def bench_kernels(c, device):
             row(f"{name} n={n} C={C} x{M} fwd+bwd, {label}", ms, fbytes + bbytes, bw, base.setdefault("b", ms))
     if K:  # the backward kernels alone, without autograd around them: their own share of copy bandwidth
         with torch.no_grad():
-            g_in, g_out = torch.ones(M, C, device=device), torch.ones(M, n, C, device=device)
             ms = bench_fn(lambda: K.stream_pre_bwd(g_in, x, h_pre), device)
             row(f"stream_pre n={n} C={C} x{M} bwd kernel, triton", ms, 2 * xb + M * C * 4 + M * n * 4, bw)
             ms = bench_fn(lambda: K.stream_post_bwd(g_out, x, y, h_res, h_post), device)
@@ -358,8 +353,11 @@ def check_settings(c):
 def main(argv):
     c = settings(DEFAULTS, argv, check_settings, allow_files=False)
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "none")
+    if device.startswith("cuda:"):  # one GPU of several: make it the current one; the rest says "cuda"
+        torch.cuda.set_device(device)
+        device = "cuda"
     if c["only"] == "ptxas":
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        if os.environ.get("TRITON_INTERPRET") == "1":  # as mhc.ops reads it
             sys.exit("error: --only=ptxas compiles the kernels; unset TRITON_INTERPRET first")
         return ptxas_report()
     if device == "none":

@@ -91,7 +91,7 @@ def table(groups):
         top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
         rows.append([label, str(len(runs)), col("val_loss"), *paired_difference(runs, groups[base]),
                      col("extra_val_loss"), speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform"),
-                     summary([moved(evals)[-1][0] if "h_res" in evals[0] else None for evals, _ in runs])])
+                     summary([moved([evals[0], evals[-1]])[-1][0] if "h_res" in evals[0] else None for evals, _ in runs])])
     keep = [j for j in range(len(cols)) if any(row[j] for row in rows)]  # no empty column (peak GiB on a CPU)
     return "\n".join(["| " + " | ".join(cols[j] for j in keep) + " |", "|" + "---|" * len(keep)] +
                      ["| " + " | ".join(row[j] for j in keep) + " |" for row in rows])

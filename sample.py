@@ -80,12 +80,13 @@ def main(argv):
 
     torch.manual_seed(c["seed"])
     ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else torch.autocast(device_type, enabled=False)
+    prompt_text = enc.decode(ids)  # printed before each sample
     try:
         with ctx:
             for _ in range(c["num_samples"]):
                 # bytes in, text out: a character split over two tokens prints once both are in
                 text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                print(enc.decode(ids), end="", flush=True)
+                print(prompt_text, end="", flush=True)
                 for t in model.generate_tokens(x, c["max_new_tokens"], c["temperature"], c["top_k"] or None):
                     t = t.item()
                     if t < enc.n_vocab:  # the padded ids beyond GPT-2's 50257 are not text

@@ -106,7 +106,8 @@ def check_settings(c):
     """Every setting that can be wrong on its own, checked before anything is read or written:
     the first problem as one line that names the setting and what it allows, or None."""
     try:  # the model's settings: GPTConfig checks them
-        GPTConfig(**{k: c[k] for k in MODEL_KEYS if k != "vocab_size"}, dropout=c["dropout"])
+        GPTConfig(**{k: c[k] for k in MODEL_KEYS if k != "vocab_size"}, dropout=c["dropout"], kernel=c["kernel"],
+                  recompute=c["recompute"])
     except ValueError as e:
         return str(e)
     if c["init_from"] not in ("scratch", "resume"):
@@ -429,7 +430,7 @@ def main(argv):
         return dict(fwd_gain=fwd, bwd_gain=bwd, dist_identity=to_id, dist_uniform=to_unif,
                     gain_by_depth=by_depth, h_res=[[[round(v, 5) for v in r] for r in m.tolist()] for m in mats])
 
-    saved_iter = iter_num if resume and not c["eval_only"] else None  # the step ckpt.pt holds
+    saved_iter = iter_num if resume else None  # the step ckpt.pt holds
 
     def kept():
         """What a user still has when a run stops early (a non-finite loss, Ctrl-C)."""
