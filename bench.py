@@ -309,21 +309,22 @@ def ptxas_report():
         fields = dict(kv.split(":") for kv in usage.split("Resource usage:")[-1].split() if ":" in kv)
         print(f"{name:<34} {fields.get('REG', '?'):>5} {fields.get('STACK', '?'):>12}")
 
-    for n in (4, 8):  # the tiles the launches use (fp32 stream)
-        NP, BLOCK, _ = sk._sinkhorn_launch_args(1, n)
-        c = dict(n=n, NP=NP, ITERS=20)
-        report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), ints=("N",))
+    for n in (4, 8):  # the tiles and warps the launches use (fp32 stream)
+        NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n)
+        c = dict(n=n, N_PAD=NP, ITERS=20)
+        report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), warps,
+               ints=("N",))
+        NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n, backward=True)
         report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr"],
-               c | dict(TP=32, BLOCK=sk._sinkhorn_launch_args(1, n, backward=True)[1]), ints=("N",))
-        NP, BM, BC = sk._stream_blocks(n, 768)
-        c = dict(n=n, NP=NP, BM=BM, BC=BC)
-        report(f"stream_pre fwd n={n} C=768", sk._pre_fwd_kernel, ["x_ptr", "h_ptr", "out_ptr"], c)
-        report(f"stream_pre bwd n={n} C=768", sk._pre_bwd_kernel, ["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"], c)
-        report(f"stream_post fwd n={n} C=768", sk._post_fwd_kernel,
-               ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "out_ptr"], c)
-        NP, BM, BC = sk._stream_blocks(n, 768, elems=1024)
-        report(f"stream_post bwd n={n} C=768", sk._post_bwd_kernel, ["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr",
-               "dx_ptr", "dy_ptr", "dhres_ptr", "dhpost_ptr"], dict(n=n, NP=NP, BM=BM, BC=BC))
+               c | dict(ITERS_PAD=32, BLOCK=BLOCK), warps, ints=("N",))
+        ptrs = dict(pre_fwd=["x_ptr", "h_ptr", "out_ptr"], pre_bwd=["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"],
+                    post_fwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "out_ptr"],
+                    post_bwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr", "dy_ptr", "dhres_ptr",
+                              "dhpost_ptr"])
+        for kernel, names in ptrs.items():
+            NP, BM, BC, warps = sk._stream_tiles(kernel, n, 768, 4)
+            report(f"stream_{kernel.replace('_', ' ')} n={n} C=768", getattr(sk, f"_{kernel}_kernel"), names,
+                   dict(n=n, N_PAD=NP, BM=BM, BC=BC), warps)
 
 
 def check_settings(c):
