@@ -315,8 +315,8 @@ def ptxas_report():
         report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), warps,
                ints=("N",))
         NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n, backward=True)
-        report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr"],
-               c | dict(ITERS_PAD=32, BLOCK=BLOCK), warps, ints=("N",))
+        report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr", "S_ptr"],
+               c | dict(BLOCK=BLOCK), warps, ints=("N",))
         ptrs = dict(pre_fwd=["x_ptr", "h_ptr", "out_ptr"], pre_bwd=["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"],
                     post_fwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "out_ptr"],
                     post_bwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr", "dy_ptr", "dhres_ptr",

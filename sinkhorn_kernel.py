@@ -12,17 +12,22 @@ mhc.py, which torch.compile turns into a few fused kernels of its own.
 mhc.py is the reference these are tested against (test_mhc.py, float64 oracle; on a CPU the
 kernels run in Triton's interpreter, TRITON_INTERPRET=1).
 
-The Sinkhorn works on the log-domain *potentials* of mhc.sinkhorn: with a (rows) and b (columns),
+The Sinkhorn is the paper's iteration: with K = exp(L - max L) and scalings u (rows) and c
+(columns), starting from u = 1,
 
-    b_j = logsumexp_i(L_ij - a_i)    (T_c: columns sum to 1)
-    a_i = logsumexp_j(L_ij - b_j)    (T_r: rows sum to 1)          repeated `iters` times,
-    H   = exp(L_ij - a_i - b_j).
+    c_j = 1 / sum_i K_ij u_i      (T_c: columns sum to 1)
+    u_i = 1 / sum_j K_ij c_j      (T_r: rows sum to 1)          repeated `iters` times,
+    H   = u_i K_ij c_j,
 
-That is the paper's iteration exactly (dividing by a sum is subtracting its log), stable at any
-logit size. The backward is the exact gradient of the unrolled iterations: it recomputes the
-forward on chip, keeping the 2 * iters potential vectors in registers (not in memory), and walks
-back through them. A half-step y = x - logsumexp(x) has the vector-Jacobian product
-g_x = g_y - exp(y) * sum(g_y) along the normalized axis, so each step needs only its own output.
+a few multiply-adds and one division a step. exp(L - max L) underflows to 0 once a logit is some
+87 below the largest of its matrix, and a row or column of zeros has no scaling; so a block of
+matrices whose logits spread over more than 50 runs the same iteration in the log domain
+instead, on the potentials a = -log u and b = -log c (a logsumexp a step), which is stable at
+any logit size. The backward is the exact gradient of the unrolled iterations: it recomputes the
+forward on chip, keeping each step's scalings in a scratch buffer (a few KB a program, read back
+while still in L2), and walks back through them. A half-step that normalizes a state P along one
+axis has the vector-Jacobian product g_x = g_y - P * sum(g_y) (with respect to log P) along that
+axis, so each step needs only its own output.
 """
 import torch
 import triton
@@ -31,7 +36,11 @@ import triton.language as tl
 
 # ----------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp. Triton's tiles have power-of-2 sizes: N_PAD is n padded to one (the padding is
-# masked), ITERS_PAD the number of iterations padded the same way (the backward's history).
+# masked). Each program takes BLOCK matrices, a [BLOCK, N_PAD, N_PAD] tile; x and y are the row
+# and column scalings u, c (exp domain) or the potentials a, b (log domain), [BLOCK, N_PAD] each.
+
+SPREAD = tl.constexpr(50.0)  # the largest logit spread (max - min of a matrix) a block runs in the exp domain
+
 
 @triton.jit
 def _lse(x, valid, axis: tl.constexpr):
@@ -46,79 +55,116 @@ def _lse(x, valid, axis: tl.constexpr):
 
 
 @triton.jit
+def _inv(s, valid):
+    """1 / s, 0 where `valid` is false."""
+    return tl.where(valid, 1.0 / tl.where(valid, s, 1.0), 0.0)
+
+
+@triton.jit
 def _load_logits(L_ptr, pid, N, n: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """A [BLOCK, N_PAD, N_PAD] tile of matrices (padding = -inf) and the masks of its rows/columns."""
+    """A tile of logits (padding = -inf), the masks of its entries and rows/columns, K = exp(L -
+    max) per matrix, and whether the block runs in the exp domain (every spread below SPREAD)."""
     m = pid * BLOCK + tl.arange(0, BLOCK)
     i = tl.arange(0, N_PAD)
     offs = m[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
     mask = (m[:, None, None] < N) & (i[None, :, None] < n) & (i[None, None, :] < n)
     L = tl.load(L_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
     valid = (m[:, None] < N) & (i[None, :] < n)  # [BLOCK, N_PAD]: a real row (or column)
-    return L, offs, mask, valid
+    hi = tl.max(tl.max(L, axis=2), axis=1)
+    lo = tl.min(tl.min(tl.where(mask, L, float("inf")), axis=2), axis=1)
+    real = m < N
+    K = tl.exp(L - tl.where(real, hi, 0.0)[:, None, None])  # padding: exp(-inf) = 0
+    exp_domain = tl.max(tl.where(real, hi - lo, 0.0), axis=0) < SPREAD
+    return L, K, offs, mask, valid, exp_domain
 
 
 @triton.jit
-def _sinkhorn(L, valid, ITERS: tl.constexpr):
-    """H = Sinkhorn(L) for a [B, N_PAD, N_PAD] tile of logits (padding -inf, `valid` [B, N_PAD])."""
-    a = tl.zeros((L.shape[0], L.shape[1]), dtype=tl.float32)
-    b = tl.zeros((L.shape[0], L.shape[1]), dtype=tl.float32)
-    for _ in range(ITERS):
-        b = _lse(L - a[:, :, None], valid, 1)   # columns
-        a = _lse(L - b[:, None, :], valid, 2)   # rows
-    return tl.exp(L - a[:, :, None] - b[:, None, :])
+def _start(valid, exp_domain):
+    """x before the first step: u = 1, or a = 0."""
+    return tl.where(exp_domain, tl.where(valid, 1.0, 0.0), 0.0)
 
 
 @triton.jit
-def _sinkhorn_grad(L, valid, G, ITERS: tl.constexpr, ITERS_PAD: tl.constexpr):
-    """dLoss/dL for H = Sinkhorn(L) given G = dLoss/dH (tiles [B, N_PAD, N_PAD]); ITERS_PAD >= ITERS."""
-    # forward again, keeping the potentials of every iteration: hist[:, t, :] = a_t (or b_t)
-    t_idx = tl.arange(0, ITERS_PAD)[None, :, None]
-    a_hist = tl.zeros((L.shape[0], ITERS_PAD, L.shape[1]), dtype=tl.float32)
-    b_hist = tl.zeros((L.shape[0], ITERS_PAD, L.shape[1]), dtype=tl.float32)
-    a = tl.zeros((L.shape[0], L.shape[1]), dtype=tl.float32)
-    b = tl.zeros((L.shape[0], L.shape[1]), dtype=tl.float32)
-    for t in range(ITERS):
-        b = _lse(L - a[:, :, None], valid, 1)
-        a = _lse(L - b[:, None, :], valid, 2)
-        a_hist = tl.where(t_idx == t, a[:, None, :], a_hist)
-        b_hist = tl.where(t_idx == t, b[:, None, :], b_hist)
-    # dL/dstate of the output: H = exp(state), so g_state = g_H * H
-    G = G * tl.exp(L - a[:, :, None] - b[:, None, :])
-    # walk back: (a_t, b_t) start at the last iteration's, which the loop above left in (a, b)
-    for k in range(ITERS):
-        t = ITERS - 1 - k
-        a_prev = tl.sum(tl.where(t_idx == t - 1, a_hist, 0.0), axis=1)  # a_{t-1}; zeros before the first
-        # row step t: its output is L - a_t - b_t
-        P = tl.exp(L - a[:, :, None] - b[:, None, :])
-        G = G - P * tl.sum(G, axis=2)[:, :, None]
-        # column step t: its output is L - a_{t-1} - b_t
-        P = tl.exp(L - a_prev[:, :, None] - b[:, None, :])
-        G = G - P * tl.sum(G, axis=1)[:, None, :]
-        a = a_prev
-        b = tl.sum(tl.where(t_idx == t - 1, b_hist, 0.0), axis=1)
-    return G
+def _columns(L, K, x, valid, exp_domain):
+    """T_c: the column scaling y that makes every column of the state sum to 1."""
+    if exp_domain:
+        y = _inv(tl.sum(K * x[:, :, None], axis=1), valid)
+    else:
+        y = _lse(L - x[:, :, None], valid, 1)
+    return y
+
+
+@triton.jit
+def _rows(L, K, y, valid, exp_domain):
+    """T_r: the row scaling x that makes every row of the state sum to 1."""
+    if exp_domain:
+        x = _inv(tl.sum(K * y[:, None, :], axis=2), valid)
+    else:
+        x = _lse(L - y[:, None, :], valid, 2)
+    return x
+
+
+@triton.jit
+def _state(L, K, x, y, exp_domain):
+    """The matrices the scalings x, y give: u K c^T, or exp(L - a - b)."""
+    if exp_domain:
+        P = K * x[:, :, None] * y[:, None, :]
+    else:
+        P = tl.exp(L - x[:, :, None] - y[:, None, :])
+    return P
 
 
 @triton.jit
 def _sinkhorn_fwd_kernel(L_ptr, H_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr, ITERS: tl.constexpr,
                          BLOCK: tl.constexpr):
-    L, offs, mask, valid = _load_logits(L_ptr, tl.program_id(0), N, n, N_PAD, BLOCK)
-    tl.store(H_ptr + offs, _sinkhorn(L, valid, ITERS), mask=mask)
+    L, K, offs, mask, valid, exp_domain = _load_logits(L_ptr, tl.program_id(0), N, n, N_PAD, BLOCK)
+    x = _start(valid, exp_domain)
+    y = x
+    for _ in range(ITERS):
+        y = _columns(L, K, x, valid, exp_domain)
+        x = _rows(L, K, y, valid, exp_domain)
+    tl.store(H_ptr + offs, _state(L, K, x, y, exp_domain), mask=mask)
 
 
 @triton.jit
-def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr, ITERS: tl.constexpr,
-                         ITERS_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    L, offs, mask, valid = _load_logits(L_ptr, tl.program_id(0), N, n, N_PAD, BLOCK)
+def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr,
+                         ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """dLoss/dL given G = dLoss/dH; S_ptr: scratch [ITERS, 2, N, N_PAD] for the scalings."""
+    pid = tl.program_id(0)
+    L, K, offs, mask, valid, exp_domain = _load_logits(L_ptr, pid, N, n, N_PAD, BLOCK)
     G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dL_ptr + offs, _sinkhorn_grad(L, valid, G, ITERS, ITERS_PAD), mask=mask)
+    m = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    hist = m[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
+    hmask = m[:, None] < N
+    # forward again, keeping x_t and y_t of every step t
+    x = _start(valid, exp_domain)
+    y = x
+    for t in range(ITERS):
+        y = _columns(L, K, x, valid, exp_domain)
+        x = _rows(L, K, y, valid, exp_domain)
+        tl.store(S_ptr + (2 * t) * N * N_PAD + hist, x, mask=hmask)
+        tl.store(S_ptr + (2 * t + 1) * N * N_PAD + hist, y, mask=hmask)
+    # the output is exp(log H): the gradient with respect to log H is G * H
+    G = G * _state(L, K, x, y, exp_domain)
+    # walk back from the last step; (x, y) hold x_t, y_t
+    for k in range(ITERS):
+        t = ITERS - 1 - k
+        G = G - _state(L, K, x, y, exp_domain) * tl.sum(G, axis=2)[:, :, None]       # row step t
+        if t > 0:
+            x_prev = tl.load(S_ptr + (2 * t - 2) * N * N_PAD + hist, mask=hmask, other=0.0)
+            y_prev = tl.load(S_ptr + (2 * t - 1) * N * N_PAD + hist, mask=hmask, other=0.0)
+        else:
+            x_prev = _start(valid, exp_domain)
+            y_prev = y
+        G = G - _state(L, K, x_prev, y, exp_domain) * tl.sum(G, axis=1)[:, None, :]  # column step t
+        x, y = x_prev, y_prev
+    tl.store(dL_ptr + offs, G, mask=mask)
 
 
 def _sinkhorn_launch_args(N, n, backward=False):
     """N_PAD (n padded to a power of 2), matrices per program, warps, grid. Small programs win: on an
-    H200 (393,216 4x4) the forward is fastest with 64 matrices on 2 warps, the backward, which also
-    keeps the potentials' history in registers, with 16 matrices on 1 warp (7x and 6x faster than
-    32 and 16 matrices on 4 warps; bench.py)."""
+    H200 (393,216 4x4, log domain) the forward was fastest with 64 matrices on 2 warps, the backward
+    with 16 matrices on 1 warp (7x and 6x faster than 32 and 16 matrices on 4 warps; bench.py)."""
     N_PAD = triton.next_power_of_2(n)
     BLOCK = max(1, (256 if backward else 1024) // (N_PAD * N_PAD))
     return N_PAD, BLOCK, 1 if backward else 2, (triton.cdiv(N, BLOCK),)
@@ -147,9 +193,10 @@ def sinkhorn_bwd(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.
     G = grad.reshape(-1, n, n).contiguous()
     dL = torch.empty(L.shape, dtype=torch.float32, device=L.device)
     N_PAD, BLOCK, warps, grid = _sinkhorn_launch_args(L.shape[0], n, backward=True)
+    scratch = torch.empty(iters, 2, L.shape[0], N_PAD, dtype=torch.float32, device=L.device)
     if L.shape[0] > 0:
-        _sinkhorn_bwd_kernel[grid](L, G, dL, L.shape[0], n=n, N_PAD=N_PAD, ITERS=iters,
-                                   ITERS_PAD=triton.next_power_of_2(iters), BLOCK=BLOCK, num_warps=warps)
+        _sinkhorn_bwd_kernel[grid](L, G, dL, scratch, L.shape[0], n=n, N_PAD=N_PAD, ITERS=iters, BLOCK=BLOCK,
+                                   num_warps=warps)
     return dL.view(logits.shape).to(logits.dtype)
 
 
