@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 import mhc
-from configurator import settings
+from configurator import at_least, settings
 from model import GPT, GPTConfig
 from train import check_system
 
@@ -341,9 +341,9 @@ def check_settings(c):
         return f"--models={c['models']}: {unknown[0]!r} is not a model here; use a comma list of residual, hc, mhc"
     if "residual" not in c["models"].split(","):
         return f"--models={c['models']} leaves out residual, which every ratio is against; add it"
-    for key in ("matrices", "tokens", "steps", "batch_size"):
-        if c[key] < 1:
-            return f"--{key}={c[key]} must be at least 1"
+    problem = at_least(c, ("matrices", "tokens", "steps", "batch_size"))
+    if problem:
+        return problem
     try:  # the model's settings: GPTConfig checks them
         GPTConfig(residual="mhc", **{k: c[k] for k in ("n_streams", "n_embd", "n_layer", "n_head", "block_size")})
     except ValueError as e:

@@ -44,6 +44,21 @@ def settings(defaults, argv, check=None, allow_files=True):
     return c
 
 
+def at_least(c, keys, low=1, note=""):
+    """The first of `keys` whose value is below `low`, as one line, or None."""
+    for key in keys:
+        if c[key] < low:
+            return f"--{key}={c[key]} must be at least {low}{note}"
+    return None
+
+
+def not_a_folder(c, key, holds):
+    """A line if --key names an existing file where a folder (for `holds`) belongs, or None."""
+    if c[key] and os.path.exists(c[key]) and not os.path.isdir(c[key]):
+        return f"--{key}={c[key]} is a file, not a folder; name a folder for {holds}"
+    return None
+
+
 def _unknown(key, config):
     close = difflib.get_close_matches(key, list(config), n=1)
     hint = f" (did you mean --{close[0]}?)" if close else ""

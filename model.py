@@ -145,13 +145,9 @@ class Block(nn.Module):
         return self.connected(x)
 
     def connected(self, x):
-        for conn, sublayer in self.sublayers():
-            x = conn(x, sublayer)
-        return x
-
-    def sublayers(self):
-        """(connection, sublayer with its pre-norm) for attention, then the MLP."""
-        return [(self.conn_attn, lambda h: self.attn(self.ln_1(h))), (self.conn_mlp, lambda h: self.mlp(self.ln_2(h)))]
+        """Each sublayer (with its pre-norm) inside its connection, Eq. 1."""
+        x = self.conn_attn(x, lambda h: self.attn(self.ln_1(h)))
+        return self.conn_mlp(x, lambda h: self.mlp(self.ln_2(h)))
 
 
 class GPT(nn.Module):
@@ -273,9 +269,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Sample max_new_tokens tokens after idx [B, T], feeding each prediction back in."""
-        for idx_next in self.generate_tokens(idx, max_new_tokens, temperature, top_k):
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, temperature, top_k)], dim=1)
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None):

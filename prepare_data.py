@@ -201,10 +201,10 @@ DEFAULTS = dict(
 
 def check_settings(cfg):
     """The first bad setting as one line, or None."""
-    if cfg["num_proc"] < 1:
-        return f"--num_proc={cfg['num_proc']} must be at least 1"
-    if cfg["out_dir"] and os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
-        return f"--out_dir={cfg['out_dir']} is a file, not a folder; name a folder for the token files"
+    from configurator import at_least, not_a_folder
+    problem = at_least(cfg, ("num_proc",)) or not_a_folder(cfg, "out_dir", "the token files")
+    if problem:
+        return problem
     if bool(cfg["dataset"]) == bool(cfg["input"]):
         return "give exactly one of --dataset=shakespeare|openwebtext or --input=PATH"
     return None

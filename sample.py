@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from configurator import die, settings
+from configurator import at_least, die, settings
 from model import GPT, GPTConfig
 from prepare_data import get_tokenizer
 from train import check_system, load_checkpoint
@@ -31,9 +31,9 @@ DEFAULTS = dict(
 
 def check_settings(c):
     """The first bad setting as one line, or None."""
-    for key, low in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 0)):
-        if c[key] < low:
-            return f"--{key}={c[key]} must be at least {low}" + (" (0 keeps all tokens)" if key == "top_k" else "")
+    problem = at_least(c, ("num_samples", "max_new_tokens")) or at_least(c, ("top_k",), 0, " (0 keeps all tokens)")
+    if problem:
+        return problem
     if c["temperature"] < 0:
         return f"--temperature={c['temperature']} must be 0 or more (0: always the most likely token)"
     return check_system(c)

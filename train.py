@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import mhc
-from configurator import die, settings
+from configurator import at_least, die, not_a_folder, settings
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
@@ -112,9 +112,10 @@ def check_settings(c):
         return str(e)
     if c["init_from"] not in ("scratch", "resume"):
         return f"--init_from={c['init_from']} is not known; use one of: scratch, resume"
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "max_iters"):
-        if c[key] < 1:
-            return f"--{key}={c[key]} must be at least 1"
+    problem = at_least(c, ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                           "max_iters"))
+    if problem:
+        return problem
     checks = [("learning_rate", c["learning_rate"] > 0, "must be above 0"),
               ("min_lr", 0 <= c["min_lr"] <= c["learning_rate"], f"must be in [0, learning_rate={c['learning_rate']}]"),
               ("weight_decay", c["weight_decay"] >= 0, "must be 0 or more"),
@@ -128,9 +129,7 @@ def check_settings(c):
             return f"--{key}={c[key]} {allowed}"
     if c["wandb_log"] and importlib.util.find_spec("wandb") is None:
         return "--wandb_log=True needs wandb: pip install wandb"
-    if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
-        return f"--out_dir={c['out_dir']} is a file, not a folder; name a folder for ckpt.pt and log.jsonl"
-    return check_system(c)
+    return not_a_folder(c, "out_dir", "ckpt.pt and log.jsonl") or check_system(c)
 
 
 def data_hint(data_dir):
