@@ -195,30 +195,30 @@ class Data:
     a resumed run sees exactly the batches the uninterrupted run would have seen."""
 
     def __init__(self, data_dir, block_size, batch_size, seed, device, extra_val=""):
-        self.paths = {}
+        self.paths, self.tokens = {}, {}
         splits = {"train": os.path.join(data_dir, "train.bin"), "val": os.path.join(data_dir, "val.bin")}
         if extra_val:
             splits["extra_val"] = extra_val if extra_val.endswith(".bin") else os.path.join(extra_val, "val.bin")
         meta_path = os.path.join(data_dir, "meta.json")
-        self.meta, self.vocab_size = {}, 50257  # without a meta.json: GPT-2's vocabulary
+        meta, self.vocab_size = {}, 50257  # without a meta.json: GPT-2's vocabulary
         if os.path.exists(meta_path):
             try:
                 with open(meta_path, encoding="utf-8") as f:
-                    self.meta = json.load(f)
-                self.vocab_size = int(self.meta.get("vocab_size", 50257))
+                    meta = json.load(f)
+                self.vocab_size = int(meta.get("vocab_size", 50257))
             except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
                 die(f"{meta_path} is not the meta.json prepare_data.py writes; make the data again with prepare_data.py")
-        if self.meta.get("dtype", "uint16") != "uint16":
-            die(f"{meta_path} says dtype {self.meta['dtype']}; train.py reads uint16 token files (prepare_data.py's)")
+        if meta.get("dtype", "uint16") != "uint16":
+            die(f"{meta_path} says dtype {meta['dtype']}; train.py reads uint16 token files (prepare_data.py's)")
         for split, path in splits.items():
             if not os.path.exists(path):
                 die(f"{path} not found. {data_hint(os.path.dirname(path) or '.')}")
-            self.check(path, self.meta.get(f"{split}_tokens") if split != "extra_val" else None)
+            self.check(path, meta.get(f"{split}_tokens") if split != "extra_val" else None)
             n = os.path.getsize(path) // 2
             if n < block_size + 1:
                 die(f"{path} has {n} tokens, fewer than block_size+1={block_size + 1}; "
                     f"use a smaller --block_size or more text")
-            self.paths[split] = path
+            self.paths[split], self.tokens[split] = path, n
         self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
 
     def check(self, path, tokens=None):
@@ -246,9 +246,8 @@ class Data:
             f"this vocabulary; make it with prepare_data.py")
 
     def windows(self, split, count, key):
-        n = os.path.getsize(self.paths[split]) // 2
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
-        return torch.randint(n - self.block_size, (count,), generator=g)
+        return torch.randint(self.tokens[split] - self.block_size, (count,), generator=g)
 
     def batch(self, split, starts):
         # a fresh memmap per batch: a long-lived one grows the process's memory (nanoGPT's note)
