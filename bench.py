@@ -298,8 +298,9 @@ def ptxas_report():
     print(f"\nkernels compiled for sm_90 by Triton {triton.__version__} (no GPU needed)")
     print(f"{'kernel':<34} {'regs':>5} {'spill bytes':>12}")
 
-    def report(name, fn, ptrs, consts, warps=4, ints=("M", "C")):
-        sig = {p: "*fp32" for p in ptrs} | {i: "i32" for i in ints} | {k: "constexpr" for k in consts}
+    def report(name, fn, consts, warps=4):
+        # every *_ptr argument an fp32 tensor (the fp32 stream), every other runtime argument an int
+        sig = {a: "constexpr" if a in consts else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": warps})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -310,21 +311,15 @@ def ptxas_report():
         print(f"{name:<34} {fields.get('REG', '?'):>5} {fields.get('STACK', '?'):>12}")
 
     for n in (4, 8):  # the tiles and warps the launches use (fp32 stream)
-        NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n)
-        c = dict(n=n, N_PAD=NP, ITERS=20)
-        report(f"sinkhorn fwd n={n}", sk._sinkhorn_fwd_kernel, ["L_ptr", "H_ptr"], c | dict(BLOCK=BLOCK), warps,
-               ints=("N",))
-        NP, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n, backward=True)
-        report(f"sinkhorn bwd n={n}", sk._sinkhorn_bwd_kernel, ["L_ptr", "G_ptr", "dL_ptr", "S_ptr"],
-               c | dict(BLOCK=BLOCK), warps, ints=("N",))
-        ptrs = dict(pre_fwd=["x_ptr", "h_ptr", "out_ptr"], pre_bwd=["x_ptr", "h_ptr", "g_ptr", "dx_ptr", "dh_ptr"],
-                    post_fwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "out_ptr"],
-                    post_bwd=["x_ptr", "y_ptr", "hres_ptr", "hpost_ptr", "g_ptr", "dx_ptr", "dy_ptr", "dhres_ptr",
-                              "dhpost_ptr"])
-        for kernel, names in ptrs.items():
-            NP, BM, BC, warps = sk._stream_tiles(kernel, n, 768, 4)
-            report(f"stream_{kernel.replace('_', ' ')} n={n} C=768", getattr(sk, f"_{kernel}_kernel"), names,
-                   dict(n=n, N_PAD=NP, BM=BM, BC=BC), warps)
+        for backward in (False, True):
+            N_PAD, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n, backward=backward)
+            report(f"sinkhorn {'bwd' if backward else 'fwd'} n={n}",
+                   sk._sinkhorn_bwd_kernel if backward else sk._sinkhorn_fwd_kernel,
+                   dict(n=n, N_PAD=N_PAD, ITERS=20, BLOCK=BLOCK), warps)
+        for kernel in ("pre_fwd", "pre_bwd", "post_fwd", "post_bwd"):
+            N_PAD, BM, BC, warps = sk._stream_tiles(kernel, n, 768, 4)
+            report(f"stream_{kernel.replace('_', ' ')} n={n} C=768", getattr(sk, f"_{kernel}_kernel"),
+                   dict(n=n, N_PAD=N_PAD, BM=BM, BC=BC), warps)
 
 
 def check_settings(c):
