@@ -158,8 +158,10 @@ class ManifoldHyperConnection(Connection):
       inside the root), the same number, so a kernel can read x once.
     - phi ~ N(0, 1/(nC)): each raw coefficient h has unit scale at init, so alpha alone says
       how token-dependent the maps start (1%). Non-zero so alpha gets a gradient from step one.
-    - b_post = 0: H_post = 2 sigmoid(0) = 1 on every stream, HC's all-ones write, so each
-      sublayer's output is added once to every stream exactly as in a residual network.
+    - b_post = post_init * (+1 on stream k mod n, -1 elsewhere). post_init = 0 (the default):
+      H_post = 2 sigmoid(0) = 1 on every stream, HC's all-ones write, so each sublayer's output is
+      added once to every stream exactly as in a residual network. post_init = 1 (the mHC-lite
+      authors' b_post) writes 1.46 to one stream and 0.54 to the others; see the symmetry note below.
     - b_pre = +1 on stream (k mod n) for sublayer k, -1 elsewhere (H_pre = 0.73 / 0.27): as in
       HC, different sublayers lean on different streams, which breaks the symmetry between the
       otherwise identical streams. The sublayer's pre-norm removes the overall scale of H_pre x.
@@ -171,18 +173,22 @@ class ManifoldHyperConnection(Connection):
       (RESULTS.md, "Depth"): the g = 4 product stays within 0.02 of uniform all through training, the
       g = 8 one stays at the identity, only g = 6 moves (Adam steps a logit by about the learning
       rate; the product's response scales with the off-diagonal mass e^-g); losses tie.
-    Since every stream starts as the same copy and the rows of H_res sum to 1, the streams stay
-    nearly equal (up to the 1% token-dependent term) until phi and the biases learn to tell them apart.
+    The symmetry: every stream starts as the same copy of the embedding. While the streams are
+    equal, x_j = x for all j, the gradient of H_res[i, j] is g_i . x, the same along each row; a
+    row-constant gradient is exactly what the Sinkhorn's last step (rows sum to 1) maps to zero,
+    so H_res's logits get no gradient at all (tested). With post_init = 0 every sublayer writes
+    the same to every stream, and only the 1% token-dependent terms and b_post's slow drift make
+    the streams differ: H_res barely learns (RESULTS.md, "Why H_res barely moves").
     """
 
-    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch", dynamic=True,
-                 res_mixing=True, n_res=None):
+    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, post_init=0.0, kernel="torch",
+                 dynamic=True, res_mixing=True, n_res=None):
         super().__init__(n, C, kernel, res_mixing)
         self.sinkhorn_iters, self.n_res = sinkhorn_iters, n_res or n * n
         self.dynamic_weight("phi", torch.randn(n * C, 2 * n + self.n_res) / math.sqrt(n * C), dynamic)
         self.dynamic_weight("alpha", torch.full((3,), 0.01), dynamic)  # gates of pre, post, res
         b_pre = 2 * F.one_hot(torch.tensor(layer_id % n), n).float() - 1
-        self.b = nn.Parameter(torch.cat([b_pre, torch.zeros(n), self.res_bias(res_init)]))
+        self.b = nn.Parameter(torch.cat([b_pre, post_init * b_pre, self.res_bias(res_init)]))
 
     def res_bias(self, res_init):
         return (res_init * torch.eye(self.n)).flatten()
@@ -213,9 +219,9 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
     as mHC's Sinkhorn(res_init * I), so the two start from the same mixing and differ only in how
     they can learn to move away from it."""
 
-    def __init__(self, n, C, layer_id, res_init=6.0, kernel="torch", dynamic=True, res_mixing=True):
+    def __init__(self, n, C, layer_id, res_init=6.0, post_init=0.0, kernel="torch", dynamic=True, res_mixing=True):
         check_mode("mhc_lite", n)
-        super().__init__(n, C, layer_id, 0, res_init, kernel, dynamic, res_mixing, n_res=math.factorial(n))
+        super().__init__(n, C, layer_id, 0, res_init, post_init, kernel, dynamic, res_mixing, n_res=math.factorial(n))
         perms = list(itertools.permutations(range(n)))  # the identity first
         self.register_buffer("P", torch.eye(n)[torch.tensor(perms)], persistent=False)  # P_r[i, perm_r(i)] = 1
 
@@ -231,8 +237,8 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
         return torch.einsum("...r,rij->...ij", torch.softmax(logits, dim=-1), self.P)
 
 
-def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, kernel="torch", dynamic=True,
-                    res_mixing=True):
+def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, post_init=0.0, kernel="torch",
+                    dynamic=True, res_mixing=True):
     """The connection for sublayer `layer_id` (0, 1, 2, ... in depth order). dynamic=False and
     res_mixing=False are the paper's ablations: static maps only, and H_res fixed to I."""
     check_mode(residual, n)
@@ -240,9 +246,9 @@ def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, k
     if residual == "hc":
         return HyperConnection(n, C, layer_id, **options)
     if residual == "mhc":
-        return ManifoldHyperConnection(n, C, layer_id, sinkhorn_iters, res_init, **options)
+        return ManifoldHyperConnection(n, C, layer_id, sinkhorn_iters, res_init, post_init, **options)
     if residual == "mhc_lite":
-        return ManifoldHyperConnectionLite(n, C, layer_id, res_init, **options)
+        return ManifoldHyperConnectionLite(n, C, layer_id, res_init, post_init, **options)
     raise ValueError("residual='residual' has no connection to build: it is the plain x + F(x)")
 
 

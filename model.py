@@ -30,6 +30,7 @@ class GPTConfig:
     n_streams: int = 4        # n, the expansion rate (ignored by "residual", which is n = 1)
     sinkhorn_iters: int = 20  # t_max of the mHC Sinkhorn-Knopp projection
     res_init: float = 6.0     # mHC: diagonal logit gap of the H_res bias at init (see mhc.py)
+    post_init: float = 0.0    # mHC: H_post bias at init, +post_init on one stream, -post_init on the rest
     kernel: str = "auto"      # "auto" (Triton on CUDA), "triton" or "torch" (mhc.py's reference)
     recompute: bool = False   # HC/mHC: recompute the streams and maps in the backward (less memory)
     stream_dtype: str = "float32"  # HC/mHC: how the n-stream state is stored: "float32" or "bfloat16"
@@ -131,8 +132,8 @@ class Block(nn.Module):
         self.recompute = self.streams and config.recompute
         if self.streams:
             args = (config.residual, config.n_streams, config.n_embd)
-            kw = dict(sinkhorn_iters=config.sinkhorn_iters, res_init=config.res_init, kernel=config.kernel,
-                      dynamic=config.dynamic, res_mixing=config.res_mixing)
+            kw = dict(sinkhorn_iters=config.sinkhorn_iters, res_init=config.res_init, post_init=config.post_init,
+                      kernel=config.kernel, dynamic=config.dynamic, res_mixing=config.res_mixing)
             self.conn_attn = mhc.make_connection(*args, layer_id=2 * layer_idx, **kw)
             self.conn_mlp = mhc.make_connection(*args, layer_id=2 * layer_idx + 1, **kw)
 

@@ -122,6 +122,46 @@ def test_mhc_maps_at_init(n):
     assert conn.alpha.tolist() == pytest.approx([0.01] * 3)
 
 
+def test_post_init_leans_each_write_on_one_stream():
+    conn = mhc.ManifoldHyperConnection(4, 16, layer_id=6, post_init=1.0, dynamic=False)
+    _, H_post, _ = conn.maps(torch.randn(3, 4, 16))
+    expected = 2 * torch.sigmoid(2 * torch.nn.functional.one_hot(torch.tensor(6 % 4), 4).float() - 1)
+    torch.testing.assert_close(H_post, expected.expand_as(H_post))  # 1.46 on stream 2, 0.54 elsewhere
+
+
+@pytest.mark.parametrize("residual", ["mhc", "mhc_lite"])
+def test_equal_streams_give_h_res_no_gradient(residual):
+    # While the n streams are equal, H_res[i, j]'s gradient g_i . x is the same along each row, and
+    # the doubly stochastic projection maps a row-constant gradient to zero: H_res cannot learn.
+    torch.manual_seed(0)
+    n, C = 4, 16
+    conn = mhc.make_connection(residual, n, C, layer_id=1).double()
+    sublayer = torch.nn.Linear(C, C).double()
+    one = torch.randn(3, 5, 1, C, dtype=torch.float64)
+    for x, equal in ((one.expand(3, 5, n, C), True), (one + 0.1 * torch.randn(3, 5, n, C, dtype=torch.float64), False)):
+        conn.zero_grad()
+        out = conn(x, sublayer)
+        (out * torch.randn_like(out)).sum().backward()
+        res_grad = max(conn.b.grad[2 * n:].abs().max(), conn.phi.grad[:, 2 * n:].abs().max()).item()
+        assert conn.b.grad[n:2 * n].abs().max() > 1e-3  # H_post learns either way
+        assert (res_grad < 1e-12) if equal else (res_grad > 1e-4), res_grad
+
+
+def test_post_init_makes_the_streams_differ():
+    # post_init = 0 writes every sublayer's output equally to every stream, so the streams that
+    # start as copies stay copies (with static maps, exactly); post_init = 1 writes unequally.
+    torch.manual_seed(0)
+    idx = torch.randint(0, 50257, (2, 16))
+    for post_init in (0.0, 1.0):
+        model = GPT(GPTConfig(**dict(TINY, block_size=16), residual="mhc", kernel="torch", dynamic=False,
+                              post_init=post_init))
+        spread = []
+        model.transformer.h[1].conn_attn.register_forward_pre_hook(
+            lambda mod, args: spread.append((args[0] - args[0].mean(-2, keepdim=True)).norm() / args[0].norm()))
+        model(idx, idx)
+        assert (spread[0] < 1e-5) if post_init == 0 else (spread[0] > 0.05), spread
+
+
 def test_mhc_map_ranges_and_post_factor_two():
     conn = mhc.ManifoldHyperConnection(4, 8, layer_id=0)
     x = torch.randn(3, 4, 8)
@@ -1030,6 +1070,14 @@ def test_eval_only_evaluates_the_checkpoint_and_changes_nothing(data_dir, tmp_ro
                 "--eval_only=True", "--eval_iters=2", "--residual=hc", "--n_layer=5")  # the model is the checkpoint's
         assert "step 30: train loss" in p.stdout and "gain fwd" in p.stdout
     assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
+    old = tmp_path / "old"  # a checkpoint written before a model setting existed: trained with its default
+    shutil.copytree(out, old)
+    ckpt = torch.load(old / "ckpt.pt", map_location="cpu", weights_only=False)
+    del ckpt["model_args"]["post_init"]
+    torch.save(ckpt, old / "ckpt.pt")
+    p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={old}", "--device=cpu", "--compile=False",
+            "--eval_only=True", "--eval_iters=2")
+    assert "step 30: train loss" in p.stdout
     line = stops_with(train.main, [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'none'}", "--eval_only=True"], capsys)
     assert "--eval_only evaluates the checkpoint" in line and not (tmp_path / "none").exists()
 

@@ -54,6 +54,7 @@ DEFAULTS = dict(
     n_streams=4,                # n, the number of streams (hc, mhc)
     sinkhorn_iters=20,          # mHC's Sinkhorn-Knopp iterations
     res_init=6.0,               # mHC's H_res bias: diagonal logit gap at init (mhc.py)
+    post_init=0.0,              # mHC's H_post bias at init: +post_init on one stream, -post_init on the rest
     kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
     recompute=False,            # HC/mHC: recompute streams and maps in the backward (less memory)
     stream_dtype="float32",     # HC/mHC: store the n-stream state in "float32" or "bfloat16"
@@ -77,8 +78,8 @@ DEFAULTS = dict(
     seed=1337,                  # initial weights, data order and dropout
 )
 # settings a checkpoint must agree with to be resumed (dropout may change)
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
-              "residual", "n_streams", "sinkhorn_iters", "res_init", "stream_dtype", "dynamic", "res_mixing")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "residual", "n_streams",
+              "sinkhorn_iters", "res_init", "post_init", "stream_dtype", "dynamic", "res_mixing")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -309,6 +310,8 @@ def main(argv):
         die(f"{ckpt_path} already exists; continue it with --init_from=resume, "
             f"or train into another --out_dir")
     ckpt = load_checkpoint(ckpt_path) if resume else None  # on the CPU: no GPU copy kept
+    if ckpt:  # a checkpoint from before a setting existed was trained with that setting's default
+        ckpt["model_args"] = {**{k: DEFAULTS[k] for k in MODEL_KEYS if k != "vocab_size"}, **ckpt["model_args"]}
     if c["eval_only"]:  # the model is the checkpoint's, whatever the settings say
         c.update({k: ckpt["model_args"][k] for k in MODEL_KEYS})
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
