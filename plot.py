@@ -14,7 +14,8 @@ moved.png     how far each sublayer's H_res has moved from its first logged valu
               the log starts at step 0) against step: the mean over sublayers and the largest
 The table (markdown, on stdout) has the final losses, speed, memory, gains and distances, and
 each label's final val loss minus the first label's, paired run by run (give the seeds in the
-same order in every group), with whether that difference is beyond the first label's seed spread.
+same order in every group), with whether that difference is beyond the first label's seed spread
+(larger than it, and the same sign for every seed).
 Needs matplotlib (pip install matplotlib).
 """
 import math
@@ -67,14 +68,16 @@ def summary(values):
 
 def paired_difference(runs, base_runs):
     """Final val loss minus the first group's, run k against run k (the same seed when the seeds are
-    given in the same order): 'mean ± half the spread', and whether the mean is beyond the first
-    group's own seed spread ('' with a single baseline run or a different number of runs)."""
+    given in the same order): 'mean ± half the spread', and whether it is beyond the first group's own
+    seed spread: the mean larger than that spread and every pair on the same side ('' with a single
+    baseline run or a different number of runs)."""
     final = lambda rs: [evals[-1]["val_loss"] for evals, _ in rs]
     if len(runs) != len(base_runs) or runs is base_runs:
         return "", ""
     diffs = [a - b for a, b in zip(final(runs), final(base_runs))]
     noise = max(final(base_runs)) - min(final(base_runs))
-    beyond = ("yes" if abs(statistics.fmean(diffs)) > noise else "no") if len(base_runs) > 1 else ""
+    one_side = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    beyond = ("yes" if one_side and abs(statistics.fmean(diffs)) > noise else "no") if len(base_runs) > 1 else ""
     return summary(diffs), beyond
 
 

@@ -933,7 +933,7 @@ def test_plot_table_pairs_seeds_against_the_first_label():
     import plot
     run = lambda loss: ([dict(iter=100, val_loss=loss)], [dict(iter=100, loss=loss, tokens_per_s=1.0)])
     groups = dict(residual=[run(3.00), run(3.10), run(3.05)], mHC=[run(2.80), run(2.92), run(2.84)],
-                  HC=[run(3.02), run(3.09), run(3.07)])
+                  HC=[run(3.02), run(3.09), run(3.07)], split=[run(2.70), run(3.15), run(2.80)])
     header, _, *lines = [[c.strip() for c in line.split("|")[1:-1]] for line in plot.table(groups).splitlines()]
     rows = {cells[0]: dict(zip(header, cells)) for cells in lines}
     assert rows["residual"]["Δ val vs residual"] == "" and rows["residual"]["beyond seed spread"] == ""
@@ -941,6 +941,7 @@ def test_plot_table_pairs_seeds_against_the_first_label():
     assert float(mean) == pytest.approx(-0.1966667, abs=1e-4) and float(spread) == pytest.approx(0.015, abs=1e-3)
     assert rows["mHC"]["beyond seed spread"] == "yes"   # |-0.197| > 0.10, the residual seeds' spread
     assert rows["HC"]["beyond seed spread"] == "no"     # +0.01
+    assert rows["split"]["beyond seed spread"] == "no"  # mean -0.17, but one seed went the other way
 
 
 @slow
