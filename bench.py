@@ -11,13 +11,15 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=e2e --peers=True     # add Liger-Kernel's LigerMHC (pip install liger-kernel)
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
     python bench.py --only=e2e --profile=True   # where the mHC step's time goes, kernel by kernel
+    python bench.py --only=e2e --compile_mode=reduce-overhead   # the models with CUDA graphs
 
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
 the least (every input read once, every output written once), and "% copy" compares the
 achieved bytes/s with a device-to-device copy measured in the same run. "fwd+bwd" rows go through
 autograd; "bwd kernel" rows time a backward kernel alone. End to end: median ms per training step
 (forward, backward, AdamW) after warm-up, tokens/s, peak memory, and the time of the first step
-(compilation, with an empty compile cache). Ratios against the residual model are the claim, not
+(compilation, with an empty compile cache), and on a GPU "GPU busy": the share of the step the
+GPU spends in kernels (under 100%, it waits on the CPU's launches). Ratios against the residual model are the claim, not
 absolute times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
 """
 import importlib.util
@@ -48,6 +50,7 @@ DEFAULTS = dict(
     steps=20,               # timed training steps (after warm-up)
     models="residual,hc,mhc",  # the end-to-end models; e.g. --models=residual,mhc for a quick check
     compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
+    compile_mode="default",  # torch.compile's mode for the models: default, reduce-overhead (CUDA graphs), ...
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
     variants=False,         # also the bf16-stream and recompute variants of the Triton models (a minute each to compile)
     peers=False,            # also Liger-Kernel's LigerMHC in our GPT, beside our mHC with the same bf16 stream
@@ -186,7 +189,8 @@ def bench_e2e(c, device):
     tokens = c["batch_size"] * c["block_size"]
     print(f"\nend to end: {c['n_layer']} layers, C={c['n_embd']}, n={c['n_streams']}, "
           f"{c['batch_size']}x{c['block_size']} tokens, {dtype}, AdamW")
-    print(f"{'model':<52} {'ms/step':>9} {'tok/s':>10} {'x resid':>8} {'peak GiB':>9} {'x resid':>8} {'1st step s':>10}")
+    print(f"{'model':<52} {'ms/step':>9} {'tok/s':>10} {'x resid':>8} {'peak GiB':>9} {'x resid':>8} {'1st step s':>10} "
+          f"{'GPU busy':>8}")
     base = None
     for residual, kernel, compiled, recompute, stream_dtype in runs:
         name = "Liger-Kernel LigerMHC" if kernel == "liger" else kernel
@@ -201,8 +205,9 @@ def bench_e2e(c, device):
             print(f"{label:<52} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
             continue
         base = base or (ms, peak)
+        busy = f"{gpu_busy_ms(step) / ms:8.0%}" if device == "cuda" else f"{'-':>8}"
         print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
-              f"{peak / base[1]:7.2f}x {first:10.1f}")
+              f"{peak / base[1]:7.2f}x {first:10.1f} {busy}")
         if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute:
             profile_steps(step, label)
         del step  # the model and its optimizer go before the next one's peak memory is measured
@@ -221,10 +226,12 @@ def time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, str
         with_liger_connections(model)
     model.to(device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
-    step_model = torch.compile(model) if compiled else model
+    mode = None if c["compile_mode"] == "default" else c["compile_mode"]
+    step_model = torch.compile(model, mode=mode) if compiled else model
     x = torch.randint(0, 50257, (c["batch_size"], c["block_size"]), device=device)
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last step's outputs are done with
         with ctx:
             _, loss = step_model(x, x)
         loss.backward()
@@ -271,6 +278,17 @@ def profile_steps(step, label, top=25):
         torch.cuda.synchronize()
     print(f"\nprofile of {label}, 3 steps, top {top} kernels by CUDA time:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
+def gpu_busy_ms(step, steps=3):
+    """Milliseconds a step that the GPU spends in kernels (torch.profiler's sum of kernel times). Below
+    the step's wall time, the GPU waits on the CPU: the step is partly launch-bound."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1000
 
 
 def _median_steps(step, steps):
@@ -326,6 +344,9 @@ def check_settings(c):
     """The first bad setting as one line, or None."""
     if c["only"] not in ("all", "kernels", "e2e", "ptxas"):
         return f"--only={c['only']} is not known; use all, kernels, e2e or ptxas"
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if c["compile_mode"] not in modes:
+        return f"--compile_mode={c['compile_mode']} is not one of torch.compile's modes: {', '.join(modes)}"
     problem = check_system(dict(device=c["device"], dtype="auto"))  # train.py's check of --device
     if problem:
         return problem

@@ -1135,7 +1135,8 @@ def test_sample_prints_as_it_goes_and_ctrl_c_keeps_the_text(data_dir, tmp_root):
 @pytest.mark.parametrize("args,fragment", [(["--only=foo"], "--only=foo"), (["--device=tpu"], "--device=tpu"),
                                            (["--n_streams=0"], "n_streams=0"), (["--steps=0"], "--steps=0"),
                                            (["--models=residual,mhcc"], "'mhcc' is not a model"),
-                                           (["--models=mhc"], "leaves out residual")])
+                                           (["--models=mhc"], "leaves out residual"),
+                                           (["--compile_mode=fast"], "torch.compile's modes")])
 def test_bench_bad_settings(args, fragment, capsys):
     import bench
     assert fragment in stops_with(bench.main, args, capsys)
