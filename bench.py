@@ -205,7 +205,10 @@ def bench_e2e(c, device):
             print(f"{label:<52} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
             continue
         base = base or (ms, peak)
-        busy = f"{gpu_busy_ms(step) / ms:8.0%}" if device == "cuda" else f"{'-':>8}"
+        try:  # a profiler that does not work here costs the column, not the table
+            busy = f"{gpu_busy_ms(step) / ms:8.0%}" if device == "cuda" else f"{'-':>8}"
+        except Exception:
+            busy = f"{'?':>8}"
         print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
               f"{peak / base[1]:7.2f}x {first:10.1f} {busy}")
         if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute:
