@@ -19,8 +19,8 @@ achieved bytes/s with a device-to-device copy measured in the same run. "fwd+bwd
 autograd; "bwd kernel" rows time a backward kernel alone. End to end: median ms per training step
 (forward, backward, AdamW) after warm-up, tokens/s, peak memory, and the time of the first step
 (compilation, with an empty compile cache), and on a GPU "GPU busy": the share of the step the
-GPU spends in kernels (under 100%, it waits on the CPU's launches). Ratios against the residual model are the claim, not
-absolute times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
+GPU spends in kernels (under 100%, it waits on the CPU's launches). Ratios against the residual
+model are the claim, not absolute times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
 """
 import importlib.util
 import os
@@ -272,26 +272,26 @@ def with_liger_connections(model):
         block.conn_attn, block.conn_mlp = Peer(block.ln_1, block.attn), Peer(block.ln_2, block.mlp)
 
 
-def profile_steps(step, label, top=25):
-    """Where the time of a training step goes, by CUDA kernel (torch.profiler, 3 steps)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    print(f"\nprofile of {label}, 3 steps, top {top} kernels by CUDA time:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
-
-
-def gpu_busy_ms(step, steps=3):
-    """Milliseconds a step that the GPU spends in kernels (torch.profiler's sum of kernel times). Below
-    the step's wall time, the GPU waits on the CPU: the step is partly launch-bound."""
+def kernel_times(step, steps=3):
+    """torch.profiler's CUDA kernel times over a few training steps."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1000
+    return prof.key_averages()
+
+
+def profile_steps(step, label, top=25):
+    """Where the time of a training step goes, by CUDA kernel (3 steps)."""
+    print(f"\nprofile of {label}, 3 steps, top {top} kernels by CUDA time:")
+    print(kernel_times(step).table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
+def gpu_busy_ms(step, steps=3):
+    """Milliseconds a step that the GPU spends in kernels. Below the step's wall time, the GPU waits
+    on the CPU: the step is partly launch-bound."""
+    return sum(e.self_device_time_total for e in kernel_times(step, steps)) / steps / 1000
 
 
 def _median_steps(step, steps):

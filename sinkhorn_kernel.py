@@ -24,10 +24,10 @@ a few multiply-adds and one division a step. exp(L - max L) underflows to 0 once
 matrices whose logits spread over more than 50 runs the same iteration in the log domain
 instead, on the potentials a = -log u and b = -log c (a logsumexp a step), which is stable at
 any logit size. The backward is the exact gradient of the unrolled iterations: it recomputes the
-forward on chip, keeping each step's scalings in a scratch buffer (a few KB a program, read back
-while still in L2), and walks back through them. A half-step that normalizes a state P along one
-axis has the vector-Jacobian product g_x = g_y - P * sum(g_y) (with respect to log P) along that
-axis, so each step needs only its own output.
+forward on chip, keeping each step's scalings in a scratch buffer in global memory (2 x iters
+vectors a matrix, written once and read back once), and walks back through them. A half-step
+that normalizes a state P along one axis has the vector-Jacobian product g_x = g_y - P * sum(g_y)
+(with respect to log P) along that axis, so each step needs only its own output.
 """
 import torch
 import triton

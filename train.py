@@ -159,6 +159,8 @@ def load_checkpoint(path):
             f"move it away (or restore a copy) and train again")
     if missing:
         die(f"{path} is not a checkpoint of train.py (it has no {', '.join(missing)}); point --out_dir at a train.py run")
+    # a checkpoint from before a model setting existed was trained with that setting's default
+    ckpt["model_args"] = {**{k: DEFAULTS[k] for k in MODEL_KEYS if k != "vocab_size"}, **ckpt["model_args"]}
     return ckpt
 
 
@@ -310,8 +312,6 @@ def main(argv):
         die(f"{ckpt_path} already exists; continue it with --init_from=resume, "
             f"or train into another --out_dir")
     ckpt = load_checkpoint(ckpt_path) if resume else None  # on the CPU: no GPU copy kept
-    if ckpt:  # a checkpoint from before a setting existed was trained with that setting's default
-        ckpt["model_args"] = {**{k: DEFAULTS[k] for k in MODEL_KEYS if k != "vocab_size"}, **ckpt["model_args"]}
     if c["eval_only"]:  # the model is the checkpoint's, whatever the settings say
         c.update({k: ckpt["model_args"][k] for k in MODEL_KEYS})
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
