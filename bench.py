@@ -16,7 +16,9 @@ whole training steps of residual / HC / mHC GPTs.
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
 the least (every input read once, every output written once), and "% copy" compares the
 achieved bytes/s with a device-to-device copy measured in the same run. "fwd+bwd" rows go through
-autograd; "bwd kernel" rows time a backward kernel alone. End to end: median ms per training step
+autograd; "bwd kernel" rows time a backward kernel alone. On a GPU, "in kernels" is the part of
+that time the GPU spends in kernels (torch.profiler): far below it, the op is bound by the CPU's
+launches and autograd, not by its kernels. End to end: median ms per training step
 (forward, backward, AdamW) after warm-up, tokens/s, peak memory, and the time of the first step
 (compilation, with an empty compile cache), and on a GPU "GPU busy": the share of the step the
 GPU spends in kernels (under 100%, it waits on the CPU's launches). Ratios against the residual
@@ -89,10 +91,31 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
-def row(name, ms, nbytes, bw, base_ms=None):
+def gpu_kernel_ms(fn, device, calls=10):
+    """Milliseconds of one fn() spent in GPU kernels (torch.profiler), L2 flushed before each call as
+    do_bench does; None off the GPU. Where it is well below the timed
+    milliseconds, the op waits on the CPU's launches, not on its kernels."""
+    if device != "cuda":
+        return None
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    try:
+        with_fn = gpu_busy_ms(lambda: (flush.zero_(), fn()), calls)
+        return with_fn - gpu_busy_ms(flush.zero_, calls)
+    except Exception:  # the profiler does not work here: "nan" in the column, the table goes on
+        return float("nan")
+
+
+def timed(fn, device):
+    """(median ms of fn(), ms of it in GPU kernels or None)."""
+    return bench_fn(fn, device), gpu_kernel_ms(fn, device)
+
+
+def row(name, t, nbytes, bw, base_ms=None):
+    ms, gpu = t
     gbs = nbytes / (ms * 1e-3) / 1e9
     speedup = f"{base_ms / ms:7.1f}x" if base_ms else "      -"
-    print(f"{name:<56} {ms:9.3f} ms {nbytes / 1e6:10.1f} MB {gbs:9.0f} GB/s {100 * gbs * 1e9 / bw:6.1f}% {speedup}")
+    gpu = f"{gpu:9.3f}" if gpu is not None else f"{'-':>9}"
+    print(f"{name:<56} {ms:9.3f} ms {gpu} ms {nbytes / 1e6:10.1f} MB {gbs:9.0f} GB/s {100 * gbs * 1e9 / bw:6.1f}% {speedup}")
 
 
 def fwd_bwd(fn, inputs, grads):
@@ -108,7 +131,7 @@ def bench_kernels(c, device):
     K = triton_kernels(device)
     bw = copy_bandwidth(device)
     print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
-    print(f"{'op':<56} {'time':>12} {'min bytes':>13} {'achieved':>14} {'% copy':>7} {'vs eager':>8}")
+    print(f"{'op':<56} {'time':>12} {'in kernels':>12} {'min bytes':>13} {'achieved':>14} {'% copy':>7} {'vs eager':>8}")
     compiled_sinkhorn = torch.compile(mhc.sinkhorn) if c["compile"] else None
     for n in (4, 8):
         N = c["matrices"]
@@ -123,14 +146,14 @@ def bench_kernels(c, device):
         base = {}
         for label, fn in variants:
             with torch.no_grad():
-                ms = bench_fn(lambda: fn(L, 20), device)
-            row(f"sinkhorn {n}x{n} x{N} fwd, {label}", ms, fwd_bytes, bw, base.setdefault("f", ms))
-            ms = bench_fn(fwd_bwd(lambda L: fn(L, 20), [L], [G]), device)
-            row(f"sinkhorn {n}x{n} x{N} fwd+bwd, {label}", ms, bwd_bytes, bw, base.setdefault("b", ms))
+                t = timed(lambda: fn(L, 20), device)
+            row(f"sinkhorn {n}x{n} x{N} fwd, {label}", t, fwd_bytes, bw, base.setdefault("f", t[0]))
+            t = timed(fwd_bwd(lambda L: fn(L, 20), [L], [G]), device)
+            row(f"sinkhorn {n}x{n} x{N} fwd+bwd, {label}", t, bwd_bytes, bw, base.setdefault("b", t[0]))
         if K:  # the backward kernel alone (it recomputes the forward on chip)
             with torch.no_grad():
-                ms = bench_fn(lambda: K.sinkhorn_bwd(G, L, 20), device)
-            row(f"sinkhorn {n}x{n} x{N} bwd kernel, triton", ms, 3 * N * n * n * 4, bw)
+                t = timed(lambda: K.sinkhorn_bwd(G, L, 20), device)
+            row(f"sinkhorn {n}x{n} x{N} bwd kernel, triton", t, 3 * N * n * n * 4, bw)
     # stream mixing of one sublayer: x [M, n, C] fp32 stream, y [M, C] bf16 sublayer output
     n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
     x = torch.randn(M, n, C, device=device, requires_grad=True)
@@ -153,16 +176,16 @@ def bench_kernels(c, device):
         base = {}
         for label, impl in impls:
             with torch.no_grad():
-                ms = bench_fn(make_fwd(impl), device)
-            row(f"{name} n={n} C={C} x{M} fwd, {label}", ms, fbytes, bw, base.setdefault("f", ms))
-            ms = bench_fn(make_bwd(impl), device)
-            row(f"{name} n={n} C={C} x{M} fwd+bwd, {label}", ms, fbytes + bbytes, bw, base.setdefault("b", ms))
+                t = timed(make_fwd(impl), device)
+            row(f"{name} n={n} C={C} x{M} fwd, {label}", t, fbytes, bw, base.setdefault("f", t[0]))
+            t = timed(make_bwd(impl), device)
+            row(f"{name} n={n} C={C} x{M} fwd+bwd, {label}", t, fbytes + bbytes, bw, base.setdefault("b", t[0]))
     if K:  # the backward kernels alone, without autograd around them: their own share of copy bandwidth
         with torch.no_grad():
-            ms = bench_fn(lambda: K.stream_pre_bwd(g_in, x, h_pre), device)
-            row(f"stream_pre n={n} C={C} x{M} bwd kernel, triton", ms, 2 * xb + M * C * 4 + M * n * 4, bw)
-            ms = bench_fn(lambda: K.stream_post_bwd(g_out, x, y, h_res, h_post), device)
-            row(f"stream_post n={n} C={C} x{M} bwd kernel, triton", ms, 3 * xb + 2 * yb + cb, bw)
+            t = timed(lambda: K.stream_pre_bwd(g_in, x, h_pre), device)
+            row(f"stream_pre n={n} C={C} x{M} bwd kernel, triton", t, 2 * xb + M * C * 4 + M * n * 4, bw)
+            t = timed(lambda: K.stream_post_bwd(g_out, x, y, h_res, h_post), device)
+            row(f"stream_post n={n} C={C} x{M} bwd kernel, triton", t, 3 * xb + 2 * yb + cb, bw)
 
 
 def bench_e2e(c, device):
