@@ -93,8 +93,8 @@ def copy_bandwidth(device):
 
 def gpu_kernel_ms(fn, device, calls=10):
     """Milliseconds of one fn() spent in GPU kernels (torch.profiler), L2 flushed before each call as
-    do_bench does; None off the GPU. Where it is well below the timed
-    milliseconds, the op waits on the CPU's launches, not on its kernels."""
+    do_bench does; None off the GPU. Well below the timed milliseconds, the op waits on the CPU's
+    launches, not on its kernels."""
     if device != "cuda":
         return None
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
