@@ -1058,6 +1058,15 @@ def test_damaged_checkpoint_or_log(data_dir, tmp_root, tmp_path, capsys):
     assert rows[:len(read_log(out))] == read_log(out) and rows[-1]["iter"] == 32
 
 
+def test_train_and_gptconfig_agree_on_the_connection_defaults():
+    # train.py's DEFAULTS also fill in settings that an old checkpoint lacks: a connection default
+    # changed in one place and not the other would build a different model from the same command
+    import train
+    for key in ("n_streams", "sinkhorn_iters", "res_init", "post_init", "kernel", "recompute", "stream_dtype",
+                "dynamic", "res_mixing", "block_size", "n_layer", "n_head", "n_embd", "dropout"):
+        assert train.DEFAULTS[key] == getattr(GPTConfig(), key), key
+
+
 @slow
 def test_eval_only_evaluates_the_checkpoint_and_changes_nothing(data_dir, tmp_root, tmp_path, capsys):
     import shutil
