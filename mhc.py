@@ -137,7 +137,7 @@ class HyperConnection(Connection):
 
     def maps(self, x):
         n = self.n
-        with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
+        with torch.autocast(x.device.type, enabled=False):  # the coefficients in fp32
             d = torch.tanh(F.rms_norm(x.to(self.W.dtype), (self.C,), eps=1e-6) @ self.W)  # [..., n, n + 2]
             b_pre, b_post, b_res = self.b.split([n, n, n * n])
             H_pre = b_pre + self.s[0] * d[..., 0]
@@ -199,7 +199,7 @@ class ManifoldHyperConnection(Connection):
 
     def maps(self, x):
         n = self.n
-        with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
+        with torch.autocast(x.device.type, enabled=False):  # the coefficients in fp32
             v = x.to(self.phi.dtype).flatten(-2)                                    # [..., nC]
             h = (v @ self.phi) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)  # Eq. (2)
             h_pre, h_post, h_res = h.split([n, n, self.n_res], dim=-1)
