@@ -50,7 +50,7 @@ DEFAULTS = dict(
     batch_size=16,          # sequences per step
     block_size=1024,        # tokens per sequence
     steps=20,               # timed training steps (after warm-up)
-    models="residual,hc,mhc",  # the end-to-end models; e.g. --models=residual,mhc for a quick check
+    models="residual,hc,mhc",  # the end-to-end models (also mhc_lite); e.g. --models=residual,mhc for a quick check
     compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
     compile_mode="default",  # torch.compile's mode for the models: default, reduce-overhead (CUDA graphs), ...
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
@@ -200,7 +200,8 @@ def bench_e2e(c, device):
     if c["compiled_torch_mhc"]:
         runs.append(("mhc", "torch", True, False, "float32"))
     if triton_kernels(device):
-        runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32")]
+        runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32"),
+                 ("mhc_lite", "triton", cc, False, "float32")]
         if c["variants"]:
             runs += [("mhc", "triton", cc, False, "bfloat16"), ("hc", "triton", cc, False, "bfloat16"),
                      ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
@@ -378,16 +379,18 @@ def check_settings(c):
         return problem
     if c["peers"] and importlib.util.find_spec("liger_kernel") is None:
         return "--peers=True times Liger-Kernel's LigerMHC, which is not installed here: pip install liger-kernel"
-    unknown = [m for m in c["models"].split(",") if m not in ("residual", "hc", "mhc")]
+    unknown = [m for m in c["models"].split(",") if m not in ("residual", "hc", "mhc", "mhc_lite")]
     if unknown:
-        return f"--models={c['models']}: {unknown[0]!r} is not a model here; use a comma list of residual, hc, mhc"
+        return (f"--models={c['models']}: {unknown[0]!r} is not a model here; use a comma list of residual, hc, "
+                f"mhc, mhc_lite")
     if "residual" not in c["models"].split(","):
         return f"--models={c['models']} leaves out residual, which every ratio is against; add it"
     problem = at_least(c, ("matrices", "tokens", "steps", "batch_size"))
     if problem:
         return problem
-    try:  # the model's settings: GPTConfig checks them
-        GPTConfig(residual="mhc", **{k: c[k] for k in ("n_streams", "n_embd", "n_layer", "n_head", "block_size")})
+    try:  # the models' settings: GPTConfig checks them
+        for residual in set(c["models"].split(",")) | {"mhc"}:
+            GPTConfig(residual=residual, **{k: c[k] for k in ("n_streams", "n_embd", "n_layer", "n_head", "block_size")})
     except ValueError as e:
         return str(e)
     return None
