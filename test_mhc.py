@@ -874,6 +874,35 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
 
 
 @slow
+def test_checkpoints_resume_across_process_counts(data_dir, tmp_path):
+    # a run begun on 2 processes goes on on 1, and one begun on 1 goes on on 2, step for step as if
+    # it had never stopped (the checkpoint holds the unwrapped model and where the data is)
+    args = [f"--data_dir={data_dir}", "--device=cpu", "--compile=False", "--residual=mhc", "--n_layer=2",
+            "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2",
+            "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=0", "--learning_rate=1e-3",
+            "--lr_decay_iters=4"]  # the same schedule for a run cut at step 2 as for one of 4 steps
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(out, processes, *more):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        p = subprocess.run([*(launcher if processes > 1 else [sys.executable]), "train.py", *args,
+                            f"--out_dir={out}", *more], cwd=HERE, capture_output=True, text=True, timeout=900, env=env)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+    train(tmp_path / "straight", 1, "--max_iters=4")
+    for first, then in ((2, 1), (1, 2)):
+        out = tmp_path / f"{first}-then-{then}"
+        train(out, first, "--max_iters=2")
+        train(out, then, "--max_iters=4", "--init_from=resume")
+        straight, resumed = read_log(tmp_path / "straight"), read_log(out)
+        assert [r["iter"] for r in resumed] == [r["iter"] for r in straight]
+        for a, b in zip(straight, resumed):
+            for field in ("loss", "grad_norm", "train_loss", "val_loss"):
+                if field in a:
+                    assert b[field] == pytest.approx(a[field], rel=1e-4), (first, then, a["iter"], field)
+
+
+@slow
 def test_ddp_with_fewer_micro_steps_than_processes(data_dir, tmp_path):
     # gradient_accumulation_steps=1 on 2 processes: each takes one micro-step, and it says so
     args = [f"--data_dir={data_dir}", *TRAIN_ARGS, "--max_iters=2", "--eval_interval=2", "--log_interval=1",
