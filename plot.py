@@ -66,13 +66,13 @@ def summary(values):
     return text + (f" ± {spread:.2g}" if len(values) > 1 and spread >= 1e-4 * abs(mean) else "")  # not ± 8e-08
 
 
-def paired_difference(runs, base_runs):
-    """Final val loss minus the first group's, run k against run k (the same seed when the seeds are
-    given in the same order): 'mean ± half the spread', and whether it is beyond the first group's own
-    seed spread: the mean larger than that spread and every pair on the same side ('' with a single
-    baseline run or a different number of runs)."""
-    final = lambda rs: [evals[-1]["val_loss"] for evals, _ in rs]
-    if len(runs) != len(base_runs) or runs is base_runs:
+def paired_difference(runs, base_runs, key="val_loss"):
+    """Final val loss (or `key`, e.g. the second set's) minus the first group's, run k against run k
+    (the same seed when the seeds are given in the same order): 'mean ± half the spread', and whether
+    it is beyond the first group's own seed spread: the mean larger than that spread and every pair on
+    the same side ('' with a single baseline run, a different number of runs, or no such loss)."""
+    final = lambda rs: [evals[-1][key] for evals, _ in rs]
+    if len(runs) != len(base_runs) or runs is base_runs or any(key not in e[-1] for e, _ in runs + base_runs):
         return "", ""
     diffs = [a - b for a, b in zip(final(runs), final(base_runs))]
     noise = max(final(base_runs)) - min(final(base_runs))
@@ -83,8 +83,9 @@ def paired_difference(runs, base_runs):
 
 def table(groups):
     base = next(iter(groups))  # differences are against the first label (put the residual model first)
-    cols = ["mode", "runs", "val loss", f"Δ val vs {base}", "beyond seed spread", "2nd val loss", "tokens/s",
-            "peak GiB", "fwd gain", "bwd gain", "max fwd gain", "‖P−I‖", "‖P−J/n‖", "H_res moved"]
+    cols = ["mode", "runs", "val loss", f"Δ val vs {base}", "beyond seed spread", "2nd val loss",
+            f"Δ 2nd val vs {base}", "beyond seed spread (2nd)", "tokens/s", "peak GiB", "fwd gain", "bwd gain",
+            "max fwd gain", "‖P−I‖", "‖P−J/n‖", "H_res moved"]
     rows = []
     for label, runs in groups.items():
         last = [evals[-1] for evals, _ in runs]
@@ -93,7 +94,7 @@ def table(groups):
         mem = summary([max((r["peak_mem_gib"] for r in steps if "peak_mem_gib" in r), default=None) for _, steps in runs])
         top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
         rows.append([label, str(len(runs)), col("val_loss"), *paired_difference(runs, groups[base]),
-                     col("extra_val_loss"), speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform"),
+                     col("extra_val_loss"), *paired_difference(runs, groups[base], "extra_val_loss"), speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform"),
                      summary([moved([evals[0], evals[-1]])[-1][0] if "h_res" in evals[0] else None for evals, _ in runs])])
     keep = [j for j in range(len(cols)) if any(row[j] for row in rows)]  # no empty column (peak GiB on a CPU)
     return "\n".join(["| " + " | ".join(cols[j] for j in keep) + " |", "|" + "---|" * len(keep)] +

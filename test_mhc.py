@@ -971,6 +971,15 @@ def test_plot_table_pairs_seeds_against_the_first_label():
     assert rows["mHC"]["beyond seed spread"] == "yes"   # |-0.197| > 0.10, the residual seeds' spread
     assert rows["HC"]["beyond seed spread"] == "no"     # +0.01
     assert rows["split"]["beyond seed spread"] == "no"  # mean -0.17, but one seed went the other way
+    assert "Δ 2nd val vs residual" not in header  # no second validation set in these logs
+    # the second validation set (--extra_val) is paired the same way, in its own columns
+    run2 = lambda loss, extra: ([dict(iter=100, val_loss=loss, extra_val_loss=extra)],
+                                [dict(iter=100, loss=loss, tokens_per_s=1.0)])
+    groups = dict(residual=[run2(3.0, 4.0), run2(3.1, 4.02)], HC=[run2(3.0, 4.1), run2(3.1, 4.14)])
+    header, _, *lines = [[c.strip() for c in line.split("|")[1:-1]] for line in plot.table(groups).splitlines()]
+    hc = dict(zip(header, lines[1]))
+    assert float(hc["Δ 2nd val vs residual"].split(" ± ")[0]) == pytest.approx(0.11, abs=1e-6)
+    assert hc["beyond seed spread (2nd)"] == "yes" and hc["beyond seed spread"] == "no"
 
 
 @slow
