@@ -13,9 +13,9 @@ h_res.png     the batch-mean H_res of the first, middle and last sublayer (last 
 moved.png     how far each sublayer's H_res has moved from its first logged value (the init, when
               the log starts at step 0) against step: the mean over sublayers and the largest
 The table (markdown, on stdout) has the final losses, speed, memory, gains and distances, and
-each label's final val loss minus the first label's, paired run by run (give the seeds in the
-same order in every group), with whether that difference is beyond the first label's seed spread
-(larger than it, and the same sign for every seed).
+each label's final val loss minus the first label's (and the second set's, with --extra_val),
+paired run by run (give the seeds in the same order in every group), with whether that difference
+is beyond the first label's seed spread (larger than it, and the same sign for every seed).
 Needs matplotlib (pip install matplotlib).
 """
 import math
