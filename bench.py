@@ -24,6 +24,7 @@ launches and autograd, not by its kernels. End to end: median ms per training st
 GPU spends in kernels (under 100%, it waits on the CPU's launches). Ratios against the residual
 model are the claim, not absolute times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
 """
+import functools
 import importlib.util
 import os
 import statistics
@@ -91,16 +92,23 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
+@functools.lru_cache(maxsize=None)
+def l2_flush(calls):
+    """(a 256 MB buffer whose zeroing flushes L2, as do_bench does, and the GPU ms of `calls` zeroings),
+    made once for every kernel row."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    return flush, gpu_busy_ms(flush.zero_, calls)
+
+
 def gpu_kernel_ms(fn, device, calls=10):
     """Milliseconds of one fn() spent in GPU kernels (torch.profiler), L2 flushed before each call as
     do_bench does; None off the GPU. Well below the timed milliseconds, the op waits on the CPU's
     launches, not on its kernels."""
     if device != "cuda":
         return None
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
     try:
-        with_fn = gpu_busy_ms(lambda: (flush.zero_(), fn()), calls)
-        return with_fn - gpu_busy_ms(flush.zero_, calls)
+        flush, flush_ms = l2_flush(calls)
+        return gpu_busy_ms(lambda: (flush.zero_(), fn()), calls) - flush_ms
     except Exception:  # the profiler does not work here: "nan" in the column, the table goes on
         return float("nan")
 
@@ -379,17 +387,18 @@ def check_settings(c):
         return problem
     if c["peers"] and importlib.util.find_spec("liger_kernel") is None:
         return "--peers=True times Liger-Kernel's LigerMHC, which is not installed here: pip install liger-kernel"
-    unknown = [m for m in c["models"].split(",") if m not in ("residual", "hc", "mhc", "mhc_lite")]
+    models = c["models"].split(",")
+    unknown = [m for m in models if m not in ("residual", "hc", "mhc", "mhc_lite")]
     if unknown:
         return (f"--models={c['models']}: {unknown[0]!r} is not a model here; use a comma list of residual, hc, "
                 f"mhc, mhc_lite")
-    if "residual" not in c["models"].split(","):
+    if "residual" not in models:
         return f"--models={c['models']} leaves out residual, which every ratio is against; add it"
     problem = at_least(c, ("matrices", "tokens", "steps", "batch_size"))
     if problem:
         return problem
     try:  # the models' settings: GPTConfig checks them
-        for residual in set(c["models"].split(",")) | {"mhc"}:
+        for residual in set(models) | {"mhc"}:
             GPTConfig(residual=residual, **{k: c[k] for k in ("n_streams", "n_embd", "n_layer", "n_head", "block_size")})
     except ValueError as e:
         return str(e)

@@ -74,8 +74,9 @@ def paired_difference(runs, base_runs, key="val_loss"):
     final = lambda rs: [evals[-1][key] for evals, _ in rs]
     if len(runs) != len(base_runs) or runs is base_runs or any(key not in e[-1] for e, _ in runs + base_runs):
         return "", ""
-    diffs = [a - b for a, b in zip(final(runs), final(base_runs))]
-    noise = max(final(base_runs)) - min(final(base_runs))
+    base = final(base_runs)
+    diffs = [a - b for a, b in zip(final(runs), base)]
+    noise = max(base) - min(base)
     one_side = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     beyond = ("yes" if one_side and abs(statistics.fmean(diffs)) > noise else "no") if len(base_runs) > 1 else ""
     return summary(diffs), beyond
@@ -94,7 +95,8 @@ def table(groups):
         mem = summary([max((r["peak_mem_gib"] for r in steps if "peak_mem_gib" in r), default=None) for _, steps in runs])
         top = summary([max((r["fwd_gain"] for r in evals if "fwd_gain" in r), default=None) for evals, _ in runs])
         rows.append([label, str(len(runs)), col("val_loss"), *paired_difference(runs, groups[base]),
-                     col("extra_val_loss"), *paired_difference(runs, groups[base], "extra_val_loss"), speed, mem, col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform"),
+                     col("extra_val_loss"), *paired_difference(runs, groups[base], "extra_val_loss"), speed, mem,
+                     col("fwd_gain"), col("bwd_gain"), top, col("dist_identity"), col("dist_uniform"),
                      summary([moved([evals[0], evals[-1]])[-1][0] if "h_res" in evals[0] else None for evals, _ in runs])])
     keep = [j for j in range(len(cols)) if any(row[j] for row in rows)]  # no empty column (peak GiB on a CPU)
     return "\n".join(["| " + " | ".join(cols[j] for j in keep) + " |", "|" + "---|" * len(keep)] +

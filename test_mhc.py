@@ -852,16 +852,25 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_root, tmp_path):
                 assert resumed[key][field] == pytest.approx(row[field], rel=1e-6, abs=1e-7), (key, field)
 
 
+def torchrun(*args, processes=2):
+    """train.py (or another script) on `processes` CPU processes through torchrun, as a user starts DDP."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", *map(str, args)], cwd=HERE, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def ddp_args(data_dir):
+    """A small mHC run whose steps hold 2 micro-steps: one each on 2 processes, or both on 1."""
+    return [f"--data_dir={data_dir}", "--device=cpu", "--compile=False", "--residual=mhc", "--n_layer=2",
+            "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2",
+            "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=0", "--learning_rate=1e-3"]
+
+
 @slow
 def test_ddp_two_processes_match_one(data_dir, tmp_path):
-    args = [f"--data_dir={data_dir}", "--device=cpu", "--compile=False", "--residual=mhc", "--n_layer=2",
-            "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2",
-            "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=0",
-            "--learning_rate=1e-3", f"--extra_val={data_dir / 'val.bin'}"]
+    args = [*ddp_args(data_dir), "--max_iters=4", f"--extra_val={data_dir / 'val.bin'}"]
     run("train.py", *args, f"--out_dir={tmp_path / 'one'}")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=HERE, capture_output=True,
-                       text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = torchrun("train.py", *args, f"--out_dir={tmp_path / 'two'}")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 process(es)" in p.stdout and p.stdout.count("step 4:") == 1  # only rank 0 prints
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
@@ -877,16 +886,12 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
 def test_checkpoints_resume_across_process_counts(data_dir, tmp_path):
     # a run begun on 2 processes goes on on 1, and one begun on 1 goes on on 2, step for step as if
     # it had never stopped (the checkpoint holds the unwrapped model and where the data is)
-    args = [f"--data_dir={data_dir}", "--device=cpu", "--compile=False", "--residual=mhc", "--n_layer=2",
-            "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2",
-            "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=0", "--learning_rate=1e-3",
-            "--lr_decay_iters=4"]  # the same schedule for a run cut at step 2 as for one of 4 steps
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*ddp_args(data_dir), "--lr_decay_iters=4"]  # the same schedule for a run cut at step 2 as for one of 4
 
     def train(out, processes, *more):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        p = subprocess.run([*(launcher if processes > 1 else [sys.executable]), "train.py", *args,
-                            f"--out_dir={out}", *more], cwd=HERE, capture_output=True, text=True, timeout=900, env=env)
+        if processes == 1:
+            return run("train.py", *args, f"--out_dir={out}", *more)
+        p = torchrun("train.py", *args, f"--out_dir={out}", *more, processes=processes)
         assert p.returncode == 0, p.stdout + p.stderr
 
     train(tmp_path / "straight", 1, "--max_iters=4")
@@ -907,9 +912,7 @@ def test_ddp_with_fewer_micro_steps_than_processes(data_dir, tmp_path):
     # gradient_accumulation_steps=1 on 2 processes: each takes one micro-step, and it says so
     args = [f"--data_dir={data_dir}", *TRAIN_ARGS, "--max_iters=2", "--eval_interval=2", "--log_interval=1",
             "--residual=residual", "--gradient_accumulation_steps=1", f"--out_dir={tmp_path / 'two'}"]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = torchrun("train.py", *args)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "each process takes 1 micro-step(s), 2 a step in all" in p.stdout
     assert f"{2 * 8 * 64:,} tokens per step" in p.stdout and read_log(tmp_path / "two")[-1]["iter"] == 2
