@@ -151,14 +151,19 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD:
         # walk back from the last step; (x, y) hold x_t, y_t
         for k in range(ITERS):
             t = ITERS - 1 - k
-            G = G - _state(L, K, x, y, exp_domain) * tl.sum(G, axis=2)[:, :, None]       # row step t
             if t > 0:
                 x_prev = tl.load(S_ptr + (2 * t - 2) * slots + hist)
                 y_prev = tl.load(S_ptr + (2 * t - 1) * slots + hist)
             else:
                 x_prev = _start(valid, exp_domain)
                 y_prev = y
-            G = G - _state(L, K, x_prev, y, exp_domain) * tl.sum(G, axis=1)[:, None, :]  # column step t
+            if exp_domain:  # both steps' matrices are u K c^T with the same c: share K c^T
+                Kc = K * y[:, None, :]
+                G = G - Kc * (x * tl.sum(G, axis=2))[:, :, None]                          # row step t
+                G = G - Kc * x_prev[:, :, None] * tl.sum(G, axis=1)[:, None, :]           # column step t
+            else:
+                G = G - _state(L, K, x, y, exp_domain) * tl.sum(G, axis=2)[:, :, None]       # row step t
+                G = G - _state(L, K, x_prev, y, exp_domain) * tl.sum(G, axis=1)[:, None, :]  # column step t
             x, y = x_prev, y_prev
         tl.store(dL_ptr + offs, G, mask=mask)
 
