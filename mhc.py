@@ -137,7 +137,7 @@ class HyperConnection(Connection):
 
     def maps(self, x):
         n = self.n
-        with torch.autocast(x.device.type, enabled=False):  # the coefficients in fp32
+        with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
             d = torch.tanh(F.rms_norm(x.to(self.W.dtype), (self.C,), eps=1e-6) @ self.W)  # [..., n, n + 2]
             b_pre, b_post, b_res = self.b.split([n, n, n * n])
             H_pre = b_pre + self.s[0] * d[..., 0]
@@ -200,8 +200,11 @@ class ManifoldHyperConnection(Connection):
     def maps(self, x):
         n = self.n
         with torch.autocast(x.device.type, enabled=False):  # the coefficients in fp32
-            v = x.to(self.phi.dtype).flatten(-2)                                    # [..., nC]
-            h = (v @ self.phi) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)  # Eq. (2)
+            dt = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 for the tests' oracle)
+            v = x.flatten(-2)                                                        # [..., nC]
+            # A bf16 stream meets phi in bf16 (fp32 sums, as autocast runs every Linear): an fp32
+            # copy of the stream for the product would cost more bytes than the bf16 stream saves.
+            h = (v @ self.phi.to(v.dtype)).to(dt) * torch.rsqrt(v.to(dt).pow(2).mean(-1, keepdim=True) + 1e-6)  # (2)
             h_pre, h_post, h_res = h.split([n, n, self.n_res], dim=-1)
             b_pre, b_post, b_res = self.b.split([n, n, self.n_res])
             H_pre = torch.sigmoid(self.alpha[0] * h_pre + b_pre)                      # Eq. (3, 4)
