@@ -158,10 +158,13 @@ class ManifoldHyperConnection(Connection):
       inside the root), the same number, so a kernel can read x once.
     - phi ~ N(0, 1/(nC)): each raw coefficient h has unit scale at init, so alpha alone says
       how token-dependent the maps start (1%). Non-zero so alpha gets a gradient from step one.
-    - b_post = post_init * (+1 on stream k mod n, -1 elsewhere). post_init = 0 (the default):
-      H_post = 2 sigmoid(0) = 1 on every stream, HC's all-ones write, so each sublayer's output is
-      added once to every stream exactly as in a residual network. post_init = 1 (the mHC-lite
-      authors' b_post) writes 1.46 to one stream and 0.54 to the others; see the symmetry note below.
+    - b_post = post_init * (+1 on stream k mod n, -1 elsewhere). post_init = 1 (the default, the
+      mHC-lite authors' b_post) writes 1.46 to one stream and 0.54 to the others, so the streams
+      differ from the first step (see the symmetry note below). At GPT-2 small's shape it ended
+      0.09 and 0.11 below post_init = 0 (two seeds), and still 0.08 below with H_res fixed to I:
+      the gain is in the write, not in the mixing (RESULTS.md). post_init = 0 is HC's all-ones
+      write, H_post = 2 sigmoid(0) = 1 on every stream: each sublayer's output is added once to
+      every stream, exactly as in a residual network.
     - b_pre = +1 on stream (k mod n) for sublayer k, -1 elsewhere (H_pre = 0.73 / 0.27): as in
       HC, different sublayers lean on different streams, which breaks the symmetry between the
       otherwise identical streams. The sublayer's pre-norm removes the overall scale of H_pre x.
@@ -181,7 +184,7 @@ class ManifoldHyperConnection(Connection):
     the streams differ: H_res barely learns (RESULTS.md, "Why H_res barely moves").
     """
 
-    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, post_init=0.0, kernel="torch",
+    def __init__(self, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, post_init=1.0, kernel="torch",
                  dynamic=True, res_mixing=True, n_res=None):
         super().__init__(n, C, kernel, res_mixing)
         self.sinkhorn_iters, self.n_res = sinkhorn_iters, n_res or n * n
@@ -222,7 +225,7 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
     as mHC's Sinkhorn(res_init * I), so the two start from the same mixing and differ only in how
     they can learn to move away from it."""
 
-    def __init__(self, n, C, layer_id, res_init=6.0, post_init=0.0, kernel="torch", dynamic=True, res_mixing=True):
+    def __init__(self, n, C, layer_id, res_init=6.0, post_init=1.0, kernel="torch", dynamic=True, res_mixing=True):
         check_mode("mhc_lite", n)
         super().__init__(n, C, layer_id, 0, res_init, post_init, kernel, dynamic, res_mixing, n_res=math.factorial(n))
         perms = list(itertools.permutations(range(n)))  # the identity first
@@ -240,7 +243,7 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
         return torch.einsum("...r,rij->...ij", torch.softmax(logits, dim=-1), self.P)
 
 
-def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, post_init=0.0, kernel="torch",
+def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, post_init=1.0, kernel="torch",
                     dynamic=True, res_mixing=True):
     """The connection for sublayer `layer_id` (0, 1, 2, ... in depth order). dynamic=False and
     res_mixing=False are the paper's ablations: static maps only, and H_res fixed to I."""

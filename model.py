@@ -30,7 +30,7 @@ class GPTConfig:
     n_streams: int = 4        # n, the expansion rate (ignored by "residual", which is n = 1)
     sinkhorn_iters: int = 20  # t_max of the mHC Sinkhorn-Knopp projection
     res_init: float = 6.0     # mHC: diagonal logit gap of the H_res bias at init (see mhc.py)
-    post_init: float = 0.0    # mHC: H_post bias at init, +post_init on one stream, -post_init on the rest
+    post_init: float = 1.0    # mHC: H_post bias at init, +post_init on one stream, -post_init on the rest
     kernel: str = "auto"      # "auto" (Triton on CUDA), "triton" or "torch" (mhc.py's reference)
     recompute: bool = False   # HC/mHC: recompute the streams and maps in the backward (less memory)
     stream_dtype: str = "float32"  # HC/mHC: how the n-stream state is stored: "float32" or "bfloat16"

@@ -111,10 +111,10 @@ def test_mhc_maps_at_init(n):
     conn = mhc.ManifoldHyperConnection(n, 16, layer_id=3, res_init=6.0)
     H_pre, H_post, H_res = conn.maps(torch.randn(5, 7, n, 16))
     one_hot = torch.nn.functional.one_hot(torch.tensor(3 % n), n).float()
-    # documented init: H_pre = sigmoid(+-1), H_post = 2 sigmoid(0) = 1, H_res = Sinkhorn(6 I),
-    # each perturbed by the 1% token-dependent term alpha * h
+    # documented init: H_pre = sigmoid(+-1), H_post = 2 sigmoid(+-1) (post_init = 1), H_res =
+    # Sinkhorn(6 I), each perturbed by the 1% token-dependent term alpha * h
     torch.testing.assert_close(H_pre, torch.sigmoid(2 * one_hot - 1).expand_as(H_pre), atol=0.03, rtol=0)
-    torch.testing.assert_close(H_post, torch.ones_like(H_post), atol=0.06, rtol=0)
+    torch.testing.assert_close(H_post, 2 * torch.sigmoid(2 * one_hot - 1).expand_as(H_post), atol=0.06, rtol=0)
     diag = math.exp(6) / (math.exp(6) + n - 1)
     expected = diag * torch.eye(n) + (1 - diag) / max(n - 1, 1) * (1 - torch.eye(n))
     torch.testing.assert_close(H_res, expected.expand_as(H_res), atol=2e-3, rtol=0)
@@ -123,10 +123,12 @@ def test_mhc_maps_at_init(n):
 
 
 def test_post_init_leans_each_write_on_one_stream():
-    conn = mhc.ManifoldHyperConnection(4, 16, layer_id=6, post_init=1.0, dynamic=False)
-    _, H_post, _ = conn.maps(torch.randn(3, 4, 16))
-    expected = 2 * torch.sigmoid(2 * torch.nn.functional.one_hot(torch.tensor(6 % 4), 4).float() - 1)
-    torch.testing.assert_close(H_post, expected.expand_as(H_post))  # 1.46 on stream 2, 0.54 elsewhere
+    for post_init in (1.0, 0.0):
+        conn = mhc.ManifoldHyperConnection(4, 16, layer_id=6, post_init=post_init, dynamic=False)
+        _, H_post, _ = conn.maps(torch.randn(3, 4, 16))
+        lean = post_init * (2 * torch.nn.functional.one_hot(torch.tensor(6 % 4), 4).float() - 1)
+        torch.testing.assert_close(H_post, 2 * torch.sigmoid(lean).expand_as(H_post))
+    # post_init = 1: 1.46 on stream 2 and 0.54 elsewhere; post_init = 0: HC's all-ones write
 
 
 @pytest.mark.parametrize("residual", ["mhc", "mhc_lite"])
@@ -353,11 +355,12 @@ def test_hc_and_mhc_models_start_as_the_residual_model():
     idx = torch.randint(0, 50257, (2, 32))
     _, loss_res = base(idx, idx)
     for residual in ("hc", "mhc"):
-        m = GPT(GPTConfig(residual=residual, **TINY))
+        m = GPT(GPTConfig(residual=residual, post_init=0.0, **TINY))
         missing, unexpected = m.load_state_dict(base.state_dict(), strict=False)
         assert not unexpected and all(".conn_" in k for k in missing)
         _, loss = m(idx, idx)
-        # HC is exactly the residual net at init; mHC up to its 1% token-dependent term
+        # HC is exactly the residual net at init; mHC with the all-ones write (post_init = 0) up to
+        # its 1% token-dependent term (the default post_init = 1 writes unequally, on purpose)
         assert loss.item() == pytest.approx(loss_res.item(), abs=1e-6 if residual == "hc" else 1e-3)
 
 
@@ -1126,6 +1129,7 @@ def test_eval_only_evaluates_the_checkpoint_and_changes_nothing(data_dir, tmp_ro
     ckpt = torch.load(old / "ckpt.pt", map_location="cpu", weights_only=False)
     del ckpt["model_args"]["post_init"]
     torch.save(ckpt, old / "ckpt.pt")
+    assert train.load_checkpoint(old / "ckpt.pt")["model_args"]["post_init"] == 0.0  # its default back then
     p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={old}", "--device=cpu", "--compile=False",
             "--eval_only=True", "--eval_iters=2")
     assert "step 30: train loss" in p.stdout

@@ -54,7 +54,7 @@ DEFAULTS = dict(
     n_streams=4,                # n, the number of streams (hc, mhc)
     sinkhorn_iters=20,          # mHC's Sinkhorn-Knopp iterations
     res_init=6.0,               # mHC's H_res bias: diagonal logit gap at init (mhc.py)
-    post_init=0.0,              # mHC's H_post bias at init: +post_init on one stream, -post_init on the rest
+    post_init=1.0,              # mHC's H_post bias at init: +post_init on one stream, -post_init on the rest
     kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
     recompute=False,            # HC/mHC: recompute streams and maps in the backward (less memory)
     stream_dtype="float32",     # HC/mHC: store the n-stream state in "float32" or "bfloat16"
@@ -149,6 +149,9 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
+EARLIER_DEFAULTS = dict(post_init=0.0)  # model settings whose default changed after they were added
+
+
 def load_checkpoint(path):
     """A checkpoint of train.py, on the CPU; a damaged or foreign file stops with one line."""
     try:
@@ -159,8 +162,10 @@ def load_checkpoint(path):
             f"move it away (or restore a copy) and train again")
     if missing:
         die(f"{path} is not a checkpoint of train.py (it has no {', '.join(missing)}); point --out_dir at a train.py run")
-    # a checkpoint from before a model setting existed was trained with that setting's default
-    ckpt["model_args"] = {**{k: DEFAULTS[k] for k in MODEL_KEYS if k != "vocab_size"}, **ckpt["model_args"]}
+    # a checkpoint from before a model setting existed was trained with that setting's default of
+    # the time: today's, or the old one where the default has changed since
+    ckpt["model_args"] = {**{k: DEFAULTS[k] for k in MODEL_KEYS if k != "vocab_size"}, **EARLIER_DEFAULTS,
+                          **ckpt["model_args"]}
     return ckpt
 
 
