@@ -5,7 +5,8 @@ Pictures and a results table from training logs (out_dir/log.jsonl of train.py),
 
 Runs that share a label (seeds: --labels=HC,HC,mHC,mHC) get one colour in the pictures and one
 row in the table (their mean, ± half the spread between them). Pictures, each named prefix + :
-loss.png      validation loss against tokens (dashed: the second validation set, --extra_val)
+loss.png      validation loss against tokens (dashed: the second validation set, --extra_val), seeds
+              as their mean and range; beside it the first set's second half, closer
 grad_norm.png gradient norm against step
 gain.png      composite forward/backward gain of H_res against depth (last eval) and against step
 depth.png     gain and distance to the uniform matrix of the composite H_res against depth (last eval)
@@ -142,21 +143,38 @@ def main(argv):
         """One curve per run, the legend entry on the group's first run only."""
         ax.plot(x, y, style, color=color[label], label=(name or label) if k == 0 else None, **kw)
 
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    later = []  # the losses after the first eval, for the axis range
-    for label, group in groups.items():
-        for k, (evals, _) in enumerate(group):
-            lines(ax, label, k, [r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals])
-            extra = [r for r in evals if "extra_val_loss" in r]
-            if extra:
-                lines(ax, label, k, [r["tokens"] / 1e6 for r in extra], [r["extra_val_loss"] for r in extra], "--",
-                      name=f"{label} (2nd val set)")
-            later += [r["val_loss"] for r in evals[1:]] + [r["extra_val_loss"] for r in extra[1:]]
-    if later:  # the untrained step-0 loss (about 10.8) would squash the curves that matter
-        pad = 0.05 * (max(later) - min(later) or 1)
-        ax.set_ylim(min(later) - pad, max(later) + pad)
-    ax.set(xlabel="tokens (M)", ylabel="validation loss", title="validation loss")
-    ax.legend(fontsize=7)
+    def band(ax, label, curves, style="-", name=None):
+        """A group's runs as their mean and a band from the lowest to the highest (one line for one run)."""
+        xs, ys = zip(*curves)
+        if len(curves) == 1 or any(x != xs[0] for x in xs):  # one run, or runs evaluated at different points
+            for k, (x, y) in enumerate(curves):
+                lines(ax, label, k, x, y, style, name=name)
+            return
+        lines(ax, label, 0, xs[0], [statistics.fmean(v) for v in zip(*ys)], style, name=name)
+        ax.fill_between(xs[0], [min(v) for v in zip(*ys)], [max(v) for v in zip(*ys)], color=color[label], alpha=0.2, lw=0)
+
+    # validation loss against tokens: all of training, and the first set's second half, where the modes part
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    end = max(evals[-1]["tokens"] for group in groups.values() for evals, _ in group) / 1e6
+    for ax, start in zip(axes, (0, end / 2)):
+        shown = []  # the losses after the first eval and from `start` on, for the axis range
+        keys = [("val_loss", "-", "{}"), ("extra_val_loss", "--", "{} (2nd val set)")][:1 if start else 2]
+        for label, group in groups.items():
+            for key, style, name in keys:
+                curves = [([r["tokens"] / 1e6 for r in evals if key in r], [r[key] for r in evals if key in r])
+                          for evals, _ in group]
+                if not any(y for _, y in curves):
+                    continue
+                band(ax, label, curves, style, name.format(label))
+                shown += [v for x, y in curves for t, v in zip(x[1:], y[1:]) if t >= start]
+        if shown:  # the untrained step-0 loss (about 10.8) would squash the curves that matter
+            pad = 0.05 * (max(shown) - min(shown) or 1)
+            ax.set_ylim(min(shown) - pad, max(shown) + pad)
+        ax.set_xlim(start, end * 1.02)
+        ax.set(xlabel="tokens (M)", ylabel="validation loss",
+               title="validation loss" + (" (seeds: mean and range)" if any(len(g) > 1 for g in groups.values()) else "")
+               if start == 0 else "the second half, closer (first validation set)")
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7)  # the upper right is free there
     save(fig, "loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
