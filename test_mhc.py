@@ -845,7 +845,10 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_root, tmp_path):
     common = [f"--data_dir={data_dir}", f"--out_dir={out}", "--residual=mhc", *TRAIN_ARGS]
     run("train.py", *common, "--max_iters=20")
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 20
-    run("train.py", *common, "--init_from=resume")
+    # an init-only setting that differs (a default changed since, say) does not stop the resume:
+    # the weights are the checkpoint's, and so is the setting
+    run("train.py", *common, "--init_from=resume", "--post_init=0")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["post_init"] == 1.0
     full = {(r["iter"], "loss" in r): r for r in read_log(full_out)}
     resumed = {(r["iter"], "loss" in r): r for r in read_log(out)}
     assert set(full) <= set(resumed)

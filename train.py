@@ -80,6 +80,7 @@ DEFAULTS = dict(
 # settings a checkpoint must agree with to be resumed (dropout may change)
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "residual", "n_streams",
               "sinkhorn_iters", "res_init", "post_init", "stream_dtype", "dynamic", "res_mixing")
+INIT_KEYS = ("res_init", "post_init")  # of those, the ones that only choose the initial weights
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -319,6 +320,8 @@ def main(argv):
     ckpt = load_checkpoint(ckpt_path) if resume else None  # on the CPU: no GPU copy kept
     if c["eval_only"]:  # the model is the checkpoint's, whatever the settings say
         c.update({k: ckpt["model_args"][k] for k in MODEL_KEYS})
+    elif resume:  # settings that only choose the initial weights: a resumed run's weights are past them
+        c.update({k: ckpt["model_args"][k] for k in INIT_KEYS})
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
     tokens_per_iter = micro_steps * c["batch_size"] * c["block_size"]
     if master:
