@@ -37,7 +37,7 @@ import torch.nn as nn
 import mhc
 from configurator import at_least, settings
 from model import GPT, GPTConfig
-from train import check_system
+from train import check_compile_mode, check_system
 
 DEFAULTS = dict(
     only="all",             # "all", "kernels", "e2e", or "ptxas" (compile for sm_90, no GPU needed)
@@ -379,10 +379,7 @@ def check_settings(c):
     """The first bad setting as one line, or None."""
     if c["only"] not in ("all", "kernels", "e2e", "ptxas"):
         return f"--only={c['only']} is not known; use all, kernels, e2e or ptxas"
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    if c["compile_mode"] not in modes:
-        return f"--compile_mode={c['compile_mode']} is not one of torch.compile's modes: {', '.join(modes)}"
-    problem = check_system(dict(device=c["device"], dtype="auto"))  # train.py's check of --device
+    problem = check_compile_mode(c) or check_system(dict(device=c["device"], dtype="auto"))  # train.py's checks
     if problem:
         return problem
     if c["peers"] and importlib.util.find_spec("liger_kernel") is None:

@@ -129,61 +129,51 @@ def _sinkhorn_fwd_kernel(L_ptr, H_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr, 
 @triton.jit
 def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr,
                          ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """dLoss/dL given G = dLoss/dH. A fixed grid of programs takes the blocks of BLOCK matrices in
-    turn; S_ptr is each program's own scratch, [ITERS, 2, programs * BLOCK, N_PAD], for the
-    scalings of every step. Reused block after block, it stays small enough to live in L2."""
-    pid, programs = tl.program_id(0), tl.num_programs(0)
-    slots = programs * BLOCK * N_PAD  # one step's x (or y) for every program
+    """dLoss/dL given G = dLoss/dH; S_ptr: scratch [ITERS, 2, programs * BLOCK, N_PAD] for the
+    scalings of every step (each program its own BLOCK rows)."""
+    pid = tl.program_id(0)
+    L, K, offs, mask, valid, exp_domain = _load_logits(L_ptr, pid, N, n, N_PAD, BLOCK)
+    G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # one step's x (or y) for every matrix; int64, since 2 * ITERS of them can pass 2^31 values
+    slots = tl.num_programs(0).to(tl.int64) * BLOCK * N_PAD
     hist = (pid * BLOCK + tl.arange(0, BLOCK))[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
-    for blk in range(pid, tl.cdiv(N, BLOCK), programs):
-        L, K, offs, mask, valid, exp_domain = _load_logits(L_ptr, blk, N, n, N_PAD, BLOCK)
-        G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        # forward again, keeping x_t and y_t of every step t
-        x = _start(valid, exp_domain)
-        y = x
-        for t in range(ITERS):
-            y = _columns(L, K, x, valid, exp_domain)
-            x = _rows(L, K, y, valid, exp_domain)
-            tl.store(S_ptr + (2 * t) * slots + hist, x)
-            tl.store(S_ptr + (2 * t + 1) * slots + hist, y)
-        # the output is exp(log H): the gradient with respect to log H is G * H
-        G = G * _state(L, K, x, y, exp_domain)
-        # walk back from the last step; (x, y) hold x_t, y_t
-        for k in range(ITERS):
-            t = ITERS - 1 - k
-            if t > 0:
-                x_prev = tl.load(S_ptr + (2 * t - 2) * slots + hist)
-                y_prev = tl.load(S_ptr + (2 * t - 1) * slots + hist)
-            else:
-                x_prev = _start(valid, exp_domain)
-                y_prev = y
-            if exp_domain:  # both steps' matrices are u K c^T with the same c: share K c^T
-                Kc = K * y[:, None, :]
-                G = G - Kc * (x * tl.sum(G, axis=2))[:, :, None]                          # row step t
-                G = G - Kc * x_prev[:, :, None] * tl.sum(G, axis=1)[:, None, :]           # column step t
-            else:
-                G = G - _state(L, K, x, y, exp_domain) * tl.sum(G, axis=2)[:, :, None]       # row step t
-                G = G - _state(L, K, x_prev, y, exp_domain) * tl.sum(G, axis=1)[:, None, :]  # column step t
-            x, y = x_prev, y_prev
-        tl.store(dL_ptr + offs, G, mask=mask)
+    # forward again, keeping x_t and y_t of every step t
+    x = _start(valid, exp_domain)
+    y = x
+    for t in range(ITERS):
+        y = _columns(L, K, x, valid, exp_domain)
+        x = _rows(L, K, y, valid, exp_domain)
+        tl.store(S_ptr + (2 * t) * slots + hist, x)
+        tl.store(S_ptr + (2 * t + 1) * slots + hist, y)
+    # the output is exp(log H): the gradient with respect to log H is G * H
+    G = G * _state(L, K, x, y, exp_domain)
+    # walk back from the last step; (x, y) hold x_t, y_t
+    for k in range(ITERS):
+        t = ITERS - 1 - k
+        if t > 0:
+            x_prev = tl.load(S_ptr + (2 * t - 2) * slots + hist)
+            y_prev = tl.load(S_ptr + (2 * t - 1) * slots + hist)
+        else:
+            x_prev = _start(valid, exp_domain)
+            y_prev = y
+        if exp_domain:  # both steps' matrices are u K c^T with the same c: share K c^T
+            Kc = K * y[:, None, :]
+            G = G - Kc * (x * tl.sum(G, axis=2))[:, :, None]                          # row step t
+            G = G - Kc * x_prev[:, :, None] * tl.sum(G, axis=1)[:, None, :]           # column step t
+        else:
+            G = G - _state(L, K, x, y, exp_domain) * tl.sum(G, axis=2)[:, :, None]       # row step t
+            G = G - _state(L, K, x_prev, y, exp_domain) * tl.sum(G, axis=1)[:, None, :]  # column step t
+        x, y = x_prev, y_prev
+    tl.store(dL_ptr + offs, G, mask=mask)
 
 
-BWD_PROGRAMS_PER_SM = 16  # resident 1-warp programs an SM; the scratch is then ~10 KB x programs
-
-
-def _sinkhorn_launch_args(N, n, backward=False, device=None):
+def _sinkhorn_launch_args(N, n, backward=False):
     """N_PAD (n padded to a power of 2), matrices per program, warps, grid. Small programs win: on an
     H200 (393,216 4x4, log domain) the forward was fastest with 64 matrices on 2 warps, the backward
-    with 16 matrices on 1 warp (7x and 6x faster than 32 and 16 matrices on 4 warps; bench.py).
-    The backward's grid is capped at BWD_PROGRAMS_PER_SM programs an SM, which loop over the blocks."""
+    with 16 matrices on 1 warp (7x and 6x faster than 32 and 16 matrices on 4 warps; bench.py)."""
     N_PAD = triton.next_power_of_2(n)
     BLOCK = max(1, (256 if backward else 1024) // (N_PAD * N_PAD))
-    blocks = triton.cdiv(N, BLOCK)
-    if backward:
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 2
-        blocks = min(blocks, sms * BWD_PROGRAMS_PER_SM)
-    return N_PAD, BLOCK, 1 if backward else 2, (blocks,)
+    return N_PAD, BLOCK, 1 if backward else 2, (triton.cdiv(N, BLOCK),)
 
 
 @torch.library.custom_op("mhc::sinkhorn_fwd", mutates_args=())
@@ -208,7 +198,7 @@ def sinkhorn_bwd(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.
     L = logits.reshape(-1, n, n).contiguous()
     G = grad.reshape(-1, n, n).contiguous()
     dL = torch.empty(L.shape, dtype=torch.float32, device=L.device)
-    N_PAD, BLOCK, warps, grid = _sinkhorn_launch_args(L.shape[0], n, backward=True, device=L.device)
+    N_PAD, BLOCK, warps, grid = _sinkhorn_launch_args(L.shape[0], n, backward=True)
     scratch = torch.empty(iters, 2, grid[0] * BLOCK, N_PAD, dtype=torch.float32, device=L.device)
     if L.shape[0] > 0:
         _sinkhorn_bwd_kernel[grid](L, G, dL, scratch, L.shape[0], n=n, N_PAD=N_PAD, ITERS=iters, BLOCK=BLOCK,

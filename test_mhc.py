@@ -642,6 +642,32 @@ def test_whole_triton_model_compiles_without_graph_breaks(residual):
 
 
 @slow
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_training_steps_match_eager():
+    # --compile_mode=reduce-overhead replays each step as CUDA graphs: the Triton ops must be
+    # capturable (no host sync, no allocation outside the graph's pool) and give the same steps
+    torch.manual_seed(0)
+    cfg = dict(TINY, block_size=16, residual="mhc", kernel="triton")
+    eager, graphed = GPT(GPTConfig(**cfg)).to(DEVICE), GPT(GPTConfig(**cfg)).to(DEVICE)
+    graphed.load_state_dict(eager.state_dict())
+    compiled = torch.compile(graphed, mode="reduce-overhead")
+    idx = torch.randint(0, 50257, (4, 2, 16), device=DEVICE)
+    losses = {}
+    for name, model, params in (("eager", eager, eager), ("graphed", compiled, graphed)):
+        opt = torch.optim.SGD(params.parameters(), lr=0.1)
+        losses[name] = []
+        for x in idx:
+            torch.compiler.cudagraph_mark_step_begin()
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+    assert losses["graphed"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+@slow
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_recompute_gives_the_same_loss_and_gradients(kernel):
     if kernel == "triton" and triton_kernels is None:
@@ -998,6 +1024,7 @@ def test_train_bad_input(data_dir, tmp_root, tmp_path):
     assert_clean_error(run("train.py", f"--data_dir={tmp_path}", ok=False), "train.bin", "prepare_data.py")
     assert_clean_error(run("train.py", *base, "--n_layers=3", ok=False), "--n_layers", "--n_layer?")
     assert_clean_error(run("train.py", *base, "--compile=flase", ok=False), "true or false")
+    assert_clean_error(run("train.py", *base, "--compile_mode=fast", ok=False), "torch.compile's modes")
     assert_clean_error(run("train.py", *base, "--residual=mHC", ok=False), "residual, hc, mhc")
     assert_clean_error(run("train.py", *base, "--n_streams=0", f"--out_dir={tmp_path}/x", ok=False), "n_streams")
     assert_clean_error(run("train.py", *base, "config/missing.py", ok=False), "config/missing.py")

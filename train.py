@@ -75,6 +75,7 @@ DEFAULTS = dict(
     device="auto",              # "auto", "cpu", "cuda", "cuda:1", ...
     dtype="auto",               # "auto" (bfloat16 on GPUs that have it), "float32", "bfloat16", "float16"
     compile=True,               # torch.compile the model (the first steps are slow while it compiles)
+    compile_mode="default",     # torch.compile's mode: "reduce-overhead" replays each step as CUDA graphs
     seed=1337,                  # initial weights, data order and dropout
 )
 # settings a checkpoint must agree with to be resumed (dropout may change)
@@ -84,6 +85,7 @@ INIT_KEYS = ("res_init", "post_init")  # of those, the ones that only choose the
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_system(c):
@@ -131,7 +133,14 @@ def check_settings(c):
             return f"--{key}={c[key]} {allowed}"
     if c["wandb_log"] and importlib.util.find_spec("wandb") is None:
         return "--wandb_log=True needs wandb: pip install wandb"
-    return not_a_folder(c, "out_dir", "ckpt.pt and log.jsonl") or check_system(c)
+    return not_a_folder(c, "out_dir", "ckpt.pt and log.jsonl") or check_compile_mode(c) or check_system(c)
+
+
+def check_compile_mode(c):
+    """--compile_mode (train.py's and bench.py's): the problem as one line, or None."""
+    if c["compile_mode"] not in COMPILE_MODES:
+        return f"--compile_mode={c['compile_mode']} is not one of torch.compile's modes: {', '.join(COMPILE_MODES)}"
+    return None
 
 
 def data_hint(data_dir):
@@ -370,7 +379,7 @@ def main(argv):
     if c["compile"]:
         if master:
             print("compiling the model... (the first step takes a while)")
-        model = torch.compile(model)
+        model = torch.compile(model, mode=None if c["compile_mode"] == "default" else c["compile_mode"])
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -486,6 +495,7 @@ def main(argv):
             torch.manual_seed(c["seed"] + 7919 * iter_num + rank)
             starts = data.windows("train", micro_steps * c["batch_size"], key=iter_num)
             loss_sum = torch.zeros((), device=device)
+            torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last step's outputs are done with
             for micro in range(accum):
                 k = rank * accum + micro
                 X, Y = data.batch("train", starts[k * c["batch_size"]:(k + 1) * c["batch_size"]])
