@@ -138,7 +138,10 @@ class HyperConnection(Connection):
     def maps(self, x):
         n = self.n
         with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
-            d = torch.tanh(F.rms_norm(x.to(self.W.dtype), (self.C,), eps=1e-6) @ self.W)  # [..., n, n + 2]
+            # rmsnorm(x_j) . W as (x_j . W) / rms(x_j), as mHC's maps do: a bf16 stream meets W in bf16
+            dt = torch.promote_types(x.dtype, torch.float32)
+            rms = torch.rsqrt(x.to(dt).pow(2).mean(-1, keepdim=True) + 1e-6)
+            d = torch.tanh((x @ self.W.to(x.dtype)).to(dt) * rms)  # [..., n, n + 2]
             b_pre, b_post, b_res = self.b.split([n, n, n * n])
             H_pre = b_pre + self.s[0] * d[..., 0]
             H_post = b_post + self.s[1] * d[..., 1]
