@@ -164,10 +164,11 @@ class ManifoldHyperConnection(Connection):
     - b_post = post_init * (+1 on stream k mod n, -1 elsewhere). post_init = 1 (the default, the
       mHC-lite authors' b_post) writes 1.46 to one stream and 0.54 to the others, so the streams
       differ from the first step (see the symmetry note below). At GPT-2 small's shape it ended
-      0.09 and 0.11 below post_init = 0 (two seeds), and still 0.08 below with H_res fixed to I:
-      the gain is in the write, not in the mixing (RESULTS.md). post_init = 0 is HC's all-ones
-      write, H_post = 2 sigmoid(0) = 1 on every stream: each sublayer's output is added once to
-      every stream, exactly as in a residual network.
+      0.09 to 0.11 below post_init = 0 (three seeds), and still 0.08 below with H_res fixed to I:
+      the gain is in the write, not in the mixing. An equal write of the same average share
+      (0.77 to every stream) gets only a quarter of it: what pays is that the streams differ
+      (RESULTS.md). post_init = 0 is HC's all-ones write, H_post = 2 sigmoid(0) = 1 on every
+      stream: each sublayer's output is added once to every stream, as in a residual network.
     - b_pre = +1 on stream (k mod n) for sublayer k, -1 elsewhere (H_pre = 0.73 / 0.27): as in
       HC, different sublayers lean on different streams, which breaks the symmetry between the
       otherwise identical streams. The sublayer's pre-norm removes the overall scale of H_pre x.
