@@ -11,7 +11,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=e2e --peers=True     # add Liger-Kernel's LigerMHC (pip install liger-kernel)
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
     python bench.py --only=e2e --profile=True   # where the mHC step's time goes, kernel by kernel
-    python bench.py --only=e2e --compile_mode=reduce-overhead   # the models with CUDA graphs
+    python bench.py --only=e2e --compile_mode=default   # the models without CUDA graphs (the GPU waits on launches)
 
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
 the least (every input read once, every output written once), and "% copy" compares the
@@ -37,7 +37,7 @@ import torch.nn as nn
 import mhc
 from configurator import at_least, settings
 from model import GPT, GPTConfig
-from train import check_compile_mode, check_system
+from train import check_compile_mode, check_system, torch_compile_mode
 
 DEFAULTS = dict(
     only="all",             # "all", "kernels", "e2e", or "ptxas" (compile for sm_90, no GPU needed)
@@ -53,7 +53,7 @@ DEFAULTS = dict(
     steps=20,               # timed training steps (after warm-up)
     models="residual,hc,mhc",  # the end-to-end models (also mhc_lite); e.g. --models=residual,mhc for a quick check
     compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
-    compile_mode="default",  # torch.compile's mode for the models: default, reduce-overhead (CUDA graphs), ...
+    compile_mode="auto",    # torch.compile's mode for the models, as train.py's: auto (CUDA graphs on a GPU), default, ...
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
     variants=False,         # also the bf16-stream and recompute variants of the Triton models (a minute each to compile)
     peers=False,            # also Liger-Kernel's LigerMHC in our GPT, beside our mHC with the same bf16 stream
@@ -262,8 +262,7 @@ def time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, str
         with_liger_connections(model)
     model.to(device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
-    mode = None if c["compile_mode"] == "default" else c["compile_mode"]
-    step_model = torch.compile(model, mode=mode) if compiled else model
+    step_model = torch.compile(model, mode=torch_compile_mode(c["compile_mode"], device)) if compiled else model
     x = torch.randint(0, 50257, (c["batch_size"], c["block_size"]), device=device)
 
     def step():

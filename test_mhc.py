@@ -641,29 +641,44 @@ def test_whole_triton_model_compiles_without_graph_breaks(residual):
         torch.testing.assert_close(g, r)
 
 
+def test_compile_mode_auto_uses_cuda_graphs_on_one_gpu_only():
+    import train
+    assert train.torch_compile_mode("auto", "cuda") == "reduce-overhead"
+    assert train.torch_compile_mode("auto", "cuda", ddp=True) is None  # torch.compile's default
+    assert train.torch_compile_mode("auto", "cpu") is None
+    assert train.torch_compile_mode("default", "cuda") is None
+    assert train.torch_compile_mode("max-autotune", "cpu") == "max-autotune"
+
+
 @slow
 @needs_triton
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graph_training_steps_match_eager():
-    # --compile_mode=reduce-overhead replays each step as CUDA graphs: the Triton ops must be
-    # capturable (no host sync, no allocation outside the graph's pool) and give the same steps
+@pytest.mark.parametrize("micro_steps", [1, 2])
+def test_cuda_graph_training_steps_match_eager(micro_steps):
+    # train.py's default on one GPU replays each step as CUDA graphs: the Triton ops must be
+    # capturable (no host sync, no allocation outside the graph's pool) and give the same steps,
+    # also when a step accumulates the gradients of several micro-batches, as train.py does
+    import train
     torch.manual_seed(0)
     cfg = dict(TINY, block_size=16, residual="mhc", kernel="triton")
     eager, graphed = GPT(GPTConfig(**cfg)).to(DEVICE), GPT(GPTConfig(**cfg)).to(DEVICE)
     graphed.load_state_dict(eager.state_dict())
-    compiled = torch.compile(graphed, mode="reduce-overhead")
-    idx = torch.randint(0, 50257, (4, 2, 16), device=DEVICE)
+    compiled = torch.compile(graphed, mode=train.torch_compile_mode("auto", "cuda"))
+    idx = torch.randint(0, 50257, (4, micro_steps, 2, 16), device=DEVICE)
     losses = {}
     for name, model, params in (("eager", eager, eager), ("graphed", compiled, graphed)):
         opt = torch.optim.SGD(params.parameters(), lr=0.1)
         losses[name] = []
-        for x in idx:
+        for batches in idx:
             torch.compiler.cudagraph_mark_step_begin()
-            _, loss = model(x, x)
-            loss.backward()
+            total = 0.0
+            for x in batches:
+                _, loss = model(x, x)
+                (loss / micro_steps).backward()
+                total += loss.item()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses[name].append(loss.item())
+            losses[name].append(total)
     assert losses["graphed"] == pytest.approx(losses["eager"], rel=1e-4)
 
 

@@ -75,7 +75,7 @@ DEFAULTS = dict(
     device="auto",              # "auto", "cpu", "cuda", "cuda:1", ...
     dtype="auto",               # "auto" (bfloat16 on GPUs that have it), "float32", "bfloat16", "float16"
     compile=True,               # torch.compile the model (the first steps are slow while it compiles)
-    compile_mode="default",     # torch.compile's mode: "reduce-overhead" replays each step as CUDA graphs
+    compile_mode="auto",        # torch.compile's mode; "auto": "reduce-overhead" (CUDA graphs) on one GPU, else "default"
     seed=1337,                  # initial weights, data order and dropout
 )
 # settings a checkpoint must agree with to be resumed (dropout may change)
@@ -85,7 +85,7 @@ INIT_KEYS = ("res_init", "post_init")  # of those, the ones that only choose the
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_system(c):
@@ -140,6 +140,16 @@ def check_compile_mode(c):
     """--compile_mode (train.py's and bench.py's): the problem as one line, or None."""
     if c["compile_mode"] not in COMPILE_MODES:
         return f"--compile_mode={c['compile_mode']} is not one of torch.compile's modes: {', '.join(COMPILE_MODES)}"
+
+
+def torch_compile_mode(compile_mode, device_type, ddp=False):
+    """--compile_mode as torch.compile's `mode`. "auto" replays each step as CUDA graphs on one GPU:
+    an HC/mHC step launches many small kernels, and without the graphs the GPU waits on the CPU's
+    launches for a quarter of the step or more (BENCHMARKS.md). Under DDP and on the CPU it is
+    torch.compile's default."""
+    if compile_mode == "auto":
+        compile_mode = "reduce-overhead" if device_type == "cuda" and not ddp else "default"
+    return None if compile_mode == "default" else compile_mode
     return None
 
 
@@ -377,9 +387,10 @@ def main(argv):
         print(f"{model_args['residual']} model: {model.get_num_params() / 1e6:.2f}M parameters "
               f"({model.num_connection_params():,} in the connections)")
     if c["compile"]:
+        mode = torch_compile_mode(c["compile_mode"], device_type, ddp)
         if master:
-            print("compiling the model... (the first step takes a while)")
-        model = torch.compile(model, mode=None if c["compile_mode"] == "default" else c["compile_mode"])
+            print(f"compiling the model ({mode or 'default'} mode)... (the first step takes a while)")
+        model = torch.compile(model, mode=mode)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
