@@ -24,8 +24,9 @@ a few multiply-adds and one division a step. exp(L - max L) underflows to 0 once
 matrices whose logits spread over more than 50 runs the same iteration in the log domain
 instead, on the potentials a = -log u and b = -log c (a logsumexp a step), which is stable at
 any logit size. The backward is the exact gradient of the unrolled iterations: it recomputes the
-forward on chip, keeping each step's scalings in a scratch buffer in global memory (2 x iters
-vectors a matrix, written once and read back once), and walks back through them. A half-step
+forward on chip, keeping the row scaling that enters each step in a scratch buffer in global
+memory (iters vectors a matrix, written once and read back once), and walks back through them,
+recomputing each step's column scaling from it. A half-step
 that normalizes a state P along one axis has the vector-Jacobian product g_x = g_y - P * sum(g_y)
 (with respect to log P) along that axis, so each step needs only its own output.
 """
@@ -129,33 +130,30 @@ def _sinkhorn_fwd_kernel(L_ptr, H_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr, 
 @triton.jit
 def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr,
                          ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """dLoss/dL given G = dLoss/dH; S_ptr: scratch [ITERS, 2, programs * BLOCK, N_PAD] for the
-    scalings of every step (each program its own BLOCK rows)."""
+    """dLoss/dL given G = dLoss/dH; S_ptr: scratch [ITERS, programs * BLOCK, N_PAD] for the row
+    scalings x entering every step (each program its own BLOCK rows)."""
     pid = tl.program_id(0)
     L, K, offs, mask, valid, exp_domain = _load_logits(L_ptr, pid, N, n, N_PAD, BLOCK)
     G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # one step's x (or y) for every matrix; int64, since 2 * ITERS of them can pass 2^31 values
+    # one step's x for every matrix; int64, since ITERS of them can pass 2^31 values
     slots = tl.num_programs(0).to(tl.int64) * BLOCK * N_PAD
     hist = (pid * BLOCK + tl.arange(0, BLOCK))[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
-    # forward again, keeping x_t and y_t of every step t
+    # forward again, keeping the x that enters each step t (slot t); step t's y is T_c of it, so
+    # the backward recomputes y instead of storing it (half the scratch traffic)
     x = _start(valid, exp_domain)
     y = x
     for t in range(ITERS):
+        tl.store(S_ptr + t * slots + hist, x)
         y = _columns(L, K, x, valid, exp_domain)
         x = _rows(L, K, y, valid, exp_domain)
-        tl.store(S_ptr + (2 * t) * slots + hist, x)
-        tl.store(S_ptr + (2 * t + 1) * slots + hist, y)
     # the output is exp(log H): the gradient with respect to log H is G * H
     G = G * _state(L, K, x, y, exp_domain)
-    # walk back from the last step; (x, y) hold x_t, y_t
+    # walk back from the last step; x holds x_t, the row scaling step t made
+    x_prev = tl.load(S_ptr + (ITERS - 1) * slots + hist)
     for k in range(ITERS):
         t = ITERS - 1 - k
-        if t > 0:
-            x_prev = tl.load(S_ptr + (2 * t - 2) * slots + hist)
-            y_prev = tl.load(S_ptr + (2 * t - 1) * slots + hist)
-        else:
-            x_prev = _start(valid, exp_domain)
-            y_prev = y
+        x_ahead = tl.load(S_ptr + tl.maximum(t - 1, 0) * slots + hist)  # the next step's, loaded early
+        y = _columns(L, K, x_prev, valid, exp_domain)  # y_t, as the forward made it
         if exp_domain:  # both steps' matrices are u K c^T with the same c: share K c^T
             Kc = K * y[:, None, :]
             G = G - Kc * (x * tl.sum(G, axis=2))[:, :, None]                          # row step t
@@ -163,7 +161,7 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD:
         else:
             G = G - _state(L, K, x, y, exp_domain) * tl.sum(G, axis=2)[:, :, None]       # row step t
             G = G - _state(L, K, x_prev, y, exp_domain) * tl.sum(G, axis=1)[:, None, :]  # column step t
-        x, y = x_prev, y_prev
+        x, x_prev = x_prev, x_ahead
     tl.store(dL_ptr + offs, G, mask=mask)
 
 
@@ -199,7 +197,7 @@ def sinkhorn_bwd(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.
     G = grad.reshape(-1, n, n).contiguous()
     dL = torch.empty(L.shape, dtype=torch.float32, device=L.device)
     N_PAD, BLOCK, warps, grid = _sinkhorn_launch_args(L.shape[0], n, backward=True)
-    scratch = torch.empty(iters, 2, grid[0] * BLOCK, N_PAD, dtype=torch.float32, device=L.device)
+    scratch = torch.empty(iters, grid[0] * BLOCK, N_PAD, dtype=torch.float32, device=L.device)
     if L.shape[0] > 0:
         _sinkhorn_bwd_kernel[grid](L, G, dL, scratch, L.shape[0], n=n, N_PAD=N_PAD, ITERS=iters, BLOCK=BLOCK,
                                    num_warps=warps)
