@@ -305,29 +305,36 @@ def _post_fwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, out_ptr, M, C, n: tl.con
 def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, dhres_ptr, dhpost_ptr, M, C,
                      n: tl.constexpr, N_PAD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
-    k = tl.arange(0, N_PAD)
-    h_post = _load_coefs(hpost_ptr, m, M, n, N_PAD, n, 1, 0)
-    dh_res = tl.zeros((BM, N_PAD, N_PAD), dtype=tl.float32)   # [token, i, j]
+    kk = tl.arange(0, N_PAD * N_PAD)
+    dh_res = tl.zeros((BM, N_PAD * N_PAD), dtype=tl.float32)   # [token, i * N_PAD + j]
     dh_post = tl.zeros((BM, N_PAD), dtype=tl.float32)
+    k = tl.arange(0, N_PAD)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
         mc = (m[:, None] < M) & (c[None, :] < C)
-        g, offs, mask = _tile(g_ptr, m, c, M, C, n, N_PAD)                     # dL/dx_next [BM, i, BC]
+        row = m[:, None] * (n * C) + c[None, :]  # stream 0 of x, g, dx at these tokens and channels
         y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
-        tl.store(dy_ptr + m[:, None] * C + c[None, :], tl.sum(h_post[:, :, None] * g, axis=1), mask=mc)
-        dh_post += tl.sum(g * y[:, None, :], axis=2)                       # dH_post[i] = g_i . y
+        dy = tl.zeros((BM, BC), dtype=tl.float32)
         for j in tl.static_range(n):
-            h_col = _load_coefs(hres_ptr, m, M, n, N_PAD, n * n, n, j)               # H_res[:, j]
-            tl.store(dx_ptr + m[:, None] * (n * C) + j * C + c[None, :],
-                     tl.sum(h_col[:, :, None] * g, axis=1), mask=mc)       # dx_j = sum_i H_res[i, j] g_i
-            x_j = tl.load(x_ptr + m[:, None] * (n * C) + j * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
-            d_col = tl.sum(g * x_j[:, None, :], axis=2)                     # dH_res[:, j] = g_i . x_j
-            dh_res += tl.where(k[None, None, :] == j, d_col[:, :, None], 0.0)
+            x_j = tl.load(x_ptr + row + j * C, mask=mc, other=0.0).to(tl.float32)
+            dx_j = tl.zeros((BM, BC), dtype=tl.float32)
+            for i in tl.static_range(n):
+                g_i = tl.load(g_ptr + row + i * C, mask=mc, other=0.0).to(tl.float32)  # dL/dx_next[i]
+                h = tl.load(hres_ptr + m * (n * n) + i * n + j, mask=m < M, other=0.0)  # H_res[i, j]
+                dx_j += h[:, None] * g_i                                          # dx_j = sum_i H_res[i, j] g_i
+                d = tl.sum(g_i * x_j, axis=1)                                     # dH_res[i, j] = g_i . x_j
+                dh_res += tl.where(kk[None, :] == i * N_PAD + j, d[:, None], 0.0)
+                if j == 0:
+                    h_post = tl.load(hpost_ptr + m * n + i, mask=m < M, other=0.0)
+                    dy += h_post[:, None] * g_i                                   # dy = sum_i H_post[i] g_i
+                    dh_post += tl.where(k[None, :] == i, tl.sum(g_i * y, axis=1)[:, None], 0.0)  # g_i . y
+            tl.store(dx_ptr + row + j * C, dx_j, mask=mc)
+        tl.store(dy_ptr + m[:, None] * C + c[None, :], dy, mask=mc)
     mk = (m[:, None] < M) & (k[None, :] < n)
     tl.store(dhpost_ptr + m[:, None] * n + k[None, :], dh_post, mask=mk)
-    offs_r = m[:, None, None] * (n * n) + k[None, :, None] * n + k[None, None, :]
-    mask_r = (m[:, None, None] < M) & (k[None, :, None] < n) & (k[None, None, :] < n)
-    tl.store(dhres_ptr + offs_r, dh_res, mask=mask_r)
+    i_, j_ = kk // N_PAD, kk % N_PAD
+    tl.store(dhres_ptr + m[:, None] * (n * n) + (i_ * n + j_)[None, :], dh_res,
+             mask=(m[:, None] < M) & (i_[None, :] < n) & (j_[None, :] < n))
 
 
 # The fastest tiles of a sweep on an H200 (n = 4, C = 768, 16k tokens; BENCHMARKS.md has it):
