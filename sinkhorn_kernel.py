@@ -24,8 +24,9 @@ a few multiply-adds and one division a step. exp(L - max L) underflows to 0 once
 matrices whose logits spread over more than 50 runs the same iteration in the log domain
 instead, on the potentials a = -log u and b = -log c (a logsumexp a step), which is stable at
 any logit size. The backward is the exact gradient of the unrolled iterations: it recomputes the
-forward on chip, keeping each step's scalings in a scratch buffer in global memory (2 x iters
-vectors a matrix, written once and read back once), and walks back through them. A half-step
+forward on chip, keeping the row scaling that enters each step in a scratch buffer in global
+memory (iters vectors a matrix, written once and read back once), and walks back through them,
+recomputing each step's column scaling from it. A half-step
 that normalizes a state P along one axis has the vector-Jacobian product g_x = g_y - P * sum(g_y)
 (with respect to log P) along that axis, so each step needs only its own output.
 """
@@ -129,33 +130,30 @@ def _sinkhorn_fwd_kernel(L_ptr, H_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr, 
 @triton.jit
 def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr,
                          ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """dLoss/dL given G = dLoss/dH; S_ptr: scratch [ITERS, 2, programs * BLOCK, N_PAD] for the
-    scalings of every step (each program its own BLOCK rows)."""
+    """dLoss/dL given G = dLoss/dH; S_ptr: scratch [ITERS, programs * BLOCK, N_PAD] for the row
+    scalings x entering every step (each program its own BLOCK rows)."""
     pid = tl.program_id(0)
     L, K, offs, mask, valid, exp_domain = _load_logits(L_ptr, pid, N, n, N_PAD, BLOCK)
     G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # one step's x (or y) for every matrix; int64, since 2 * ITERS of them can pass 2^31 values
+    # one step's x for every matrix; int64, since ITERS of them can pass 2^31 values
     slots = tl.num_programs(0).to(tl.int64) * BLOCK * N_PAD
     hist = (pid * BLOCK + tl.arange(0, BLOCK))[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
-    # forward again, keeping x_t and y_t of every step t
+    # forward again, keeping the x that enters each step t (slot t); step t's y is T_c of it, so
+    # the backward recomputes y instead of storing it (half the scratch traffic)
     x = _start(valid, exp_domain)
     y = x
     for t in range(ITERS):
+        tl.store(S_ptr + t * slots + hist, x)
         y = _columns(L, K, x, valid, exp_domain)
         x = _rows(L, K, y, valid, exp_domain)
-        tl.store(S_ptr + (2 * t) * slots + hist, x)
-        tl.store(S_ptr + (2 * t + 1) * slots + hist, y)
     # the output is exp(log H): the gradient with respect to log H is G * H
     G = G * _state(L, K, x, y, exp_domain)
-    # walk back from the last step; (x, y) hold x_t, y_t
+    # walk back from the last step; x holds x_t, the row scaling step t made
+    x_prev = tl.load(S_ptr + (ITERS - 1) * slots + hist)
     for k in range(ITERS):
         t = ITERS - 1 - k
-        if t > 0:
-            x_prev = tl.load(S_ptr + (2 * t - 2) * slots + hist)
-            y_prev = tl.load(S_ptr + (2 * t - 1) * slots + hist)
-        else:
-            x_prev = _start(valid, exp_domain)
-            y_prev = y
+        x_ahead = tl.load(S_ptr + tl.maximum(t - 1, 0) * slots + hist)  # the next step's, loaded early
+        y = _columns(L, K, x_prev, valid, exp_domain)  # y_t, as the forward made it
         if exp_domain:  # both steps' matrices are u K c^T with the same c: share K c^T
             Kc = K * y[:, None, :]
             G = G - Kc * (x * tl.sum(G, axis=2))[:, :, None]                          # row step t
@@ -163,7 +161,7 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD:
         else:
             G = G - _state(L, K, x, y, exp_domain) * tl.sum(G, axis=2)[:, :, None]       # row step t
             G = G - _state(L, K, x_prev, y, exp_domain) * tl.sum(G, axis=1)[:, None, :]  # column step t
-        x, y = x_prev, y_prev
+        x, x_prev = x_prev, x_ahead
     tl.store(dL_ptr + offs, G, mask=mask)
 
 
@@ -199,7 +197,7 @@ def sinkhorn_bwd(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.
     G = grad.reshape(-1, n, n).contiguous()
     dL = torch.empty(L.shape, dtype=torch.float32, device=L.device)
     N_PAD, BLOCK, warps, grid = _sinkhorn_launch_args(L.shape[0], n, backward=True)
-    scratch = torch.empty(iters, 2, grid[0] * BLOCK, N_PAD, dtype=torch.float32, device=L.device)
+    scratch = torch.empty(iters, grid[0] * BLOCK, N_PAD, dtype=torch.float32, device=L.device)
     if L.shape[0] > 0:
         _sinkhorn_bwd_kernel[grid](L, G, dL, scratch, L.shape[0], n=n, N_PAD=N_PAD, ITERS=iters, BLOCK=BLOCK,
                                    num_warps=warps)
@@ -305,29 +303,36 @@ def _post_fwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, out_ptr, M, C, n: tl.con
 def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, dhres_ptr, dhpost_ptr, M, C,
                      n: tl.constexpr, N_PAD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # int64: offsets can pass 2^31
-    k = tl.arange(0, N_PAD)
-    h_post = _load_coefs(hpost_ptr, m, M, n, N_PAD, n, 1, 0)
-    dh_res = tl.zeros((BM, N_PAD, N_PAD), dtype=tl.float32)   # [token, i, j]
+    kk = tl.arange(0, N_PAD * N_PAD)
+    dh_res = tl.zeros((BM, N_PAD * N_PAD), dtype=tl.float32)   # [token, i * N_PAD + j]
     dh_post = tl.zeros((BM, N_PAD), dtype=tl.float32)
+    k = tl.arange(0, N_PAD)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
         mc = (m[:, None] < M) & (c[None, :] < C)
-        g, offs, mask = _tile(g_ptr, m, c, M, C, n, N_PAD)                     # dL/dx_next [BM, i, BC]
+        row = m[:, None] * (n * C) + c[None, :]  # stream 0 of x, g, dx at these tokens and channels
         y = tl.load(y_ptr + m[:, None] * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
-        tl.store(dy_ptr + m[:, None] * C + c[None, :], tl.sum(h_post[:, :, None] * g, axis=1), mask=mc)
-        dh_post += tl.sum(g * y[:, None, :], axis=2)                       # dH_post[i] = g_i . y
+        dy = tl.zeros((BM, BC), dtype=tl.float32)
         for j in tl.static_range(n):
-            h_col = _load_coefs(hres_ptr, m, M, n, N_PAD, n * n, n, j)               # H_res[:, j]
-            tl.store(dx_ptr + m[:, None] * (n * C) + j * C + c[None, :],
-                     tl.sum(h_col[:, :, None] * g, axis=1), mask=mc)       # dx_j = sum_i H_res[i, j] g_i
-            x_j = tl.load(x_ptr + m[:, None] * (n * C) + j * C + c[None, :], mask=mc, other=0.0).to(tl.float32)
-            d_col = tl.sum(g * x_j[:, None, :], axis=2)                     # dH_res[:, j] = g_i . x_j
-            dh_res += tl.where(k[None, None, :] == j, d_col[:, :, None], 0.0)
+            x_j = tl.load(x_ptr + row + j * C, mask=mc, other=0.0).to(tl.float32)
+            dx_j = tl.zeros((BM, BC), dtype=tl.float32)
+            for i in tl.static_range(n):
+                g_i = tl.load(g_ptr + row + i * C, mask=mc, other=0.0).to(tl.float32)  # dL/dx_next[i]
+                h = tl.load(hres_ptr + m * (n * n) + i * n + j, mask=m < M, other=0.0)  # H_res[i, j]
+                dx_j += h[:, None] * g_i                                          # dx_j = sum_i H_res[i, j] g_i
+                d = tl.sum(g_i * x_j, axis=1)                                     # dH_res[i, j] = g_i . x_j
+                dh_res += tl.where(kk[None, :] == i * N_PAD + j, d[:, None], 0.0)
+                if j == 0:
+                    h_post = tl.load(hpost_ptr + m * n + i, mask=m < M, other=0.0)
+                    dy += h_post[:, None] * g_i                                   # dy = sum_i H_post[i] g_i
+                    dh_post += tl.where(k[None, :] == i, tl.sum(g_i * y, axis=1)[:, None], 0.0)  # g_i . y
+            tl.store(dx_ptr + row + j * C, dx_j, mask=mc)
+        tl.store(dy_ptr + m[:, None] * C + c[None, :], dy, mask=mc)
     mk = (m[:, None] < M) & (k[None, :] < n)
     tl.store(dhpost_ptr + m[:, None] * n + k[None, :], dh_post, mask=mk)
-    offs_r = m[:, None, None] * (n * n) + k[None, :, None] * n + k[None, None, :]
-    mask_r = (m[:, None, None] < M) & (k[None, :, None] < n) & (k[None, None, :] < n)
-    tl.store(dhres_ptr + offs_r, dh_res, mask=mask_r)
+    i_, j_ = kk // N_PAD, kk % N_PAD
+    tl.store(dhres_ptr + m[:, None] * (n * n) + (i_ * n + j_)[None, :], dh_res,
+             mask=(m[:, None] < M) & (i_[None, :] < n) & (j_[None, :] < n))
 
 
 # The fastest tiles of a sweep on an H200 (n = 4, C = 768, 16k tokens; BENCHMARKS.md has it):
