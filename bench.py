@@ -10,7 +10,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
     python bench.py --only=e2e --peers=True     # add Liger-Kernel's LigerMHC (pip install liger-kernel)
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
-    python bench.py --only=e2e --profile=True   # where the mHC step's time goes, kernel by kernel
+    python bench.py --only=e2e --profile=True   # GPU time by kernel group (GEMM, attention, ours, ...)
     python bench.py --only=e2e --compile_mode=default   # the models without CUDA graphs (the GPU waits on launches)
 
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
@@ -57,7 +57,7 @@ DEFAULTS = dict(
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
     variants=False,         # also the bf16-stream and recompute variants of the Triton models (a minute each to compile)
     peers=False,            # also Liger-Kernel's LigerMHC in our GPT, beside our mHC with the same bf16 stream
-    profile=False,          # print the CUDA kernel time breakdown of the Triton mHC step
+    profile=False,          # where each model's step spends its GPU time (kernel groups; the mHC step kernel by kernel)
 )
 
 
@@ -224,7 +224,7 @@ def bench_e2e(c, device):
           f"{c['batch_size']}x{c['block_size']} tokens, {dtype}, AdamW")
     print(f"{'model':<52} {'ms/step':>9} {'tok/s':>10} {'x resid':>8} {'peak GiB':>9} {'x resid':>8} {'1st step s':>10} "
           f"{'GPU busy':>8}")
-    base = None
+    base, groups = None, {}
     for residual, kernel, compiled, recompute, stream_dtype in runs:
         name = "Liger-Kernel LigerMHC" if kernel == "liger" else kernel
         label = (f"{residual}, {name}, {'compiled' if compiled else 'eager'}{', recompute' if recompute else ''}"
@@ -244,9 +244,17 @@ def bench_e2e(c, device):
             busy = f"{'?':>8}"
         print(f"{label:<52} {ms:9.1f} {tokens / ms * 1e3:10.0f} {ms / base[0]:7.2f}x {peak:9.2f} "
               f"{peak / base[1]:7.2f}x {first:10.1f} {busy}")
-        if c["profile"] and device == "cuda" and residual == "mhc" and kernel == "triton" and not recompute:
-            profile_steps(step, label)
+        if c["profile"] and device == "cuda":
+            groups[label] = group_ms(step)
+            if residual == "mhc" and kernel == "triton" and not recompute:
+                profile_steps(step, label)
         del step  # the model and its optimizer go before the next one's peak memory is measured
+    if groups:
+        names = [group for group, _ in KERNEL_GROUPS] + ["other"]
+        print(f"\nGPU time a step by kernel group, ms (torch.profiler, 3 steps):\n{'model':<52}"
+              + "".join(f"{g:>16}" for g in names) + f"{'all':>10}")
+        for label, ms in groups.items():
+            print(f"{label:<52}" + "".join(f"{ms[g]:16.2f}" for g in names) + f"{sum(ms.values()):10.2f}")
 
 
 def time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, stream_dtype):
@@ -312,6 +320,28 @@ def kernel_times(step, steps=3):
             step()
         torch.cuda.synchronize()
     return prof.key_averages()
+
+
+# Kernel groups by CUDA kernel name (lower case), the first match wins: cuBLAS's and cuDNN's kernels, the
+# optimizer's, this project's Triton ops, and the kernels Inductor generates (the rest of each compiled model)
+KERNEL_GROUPS = (("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+                 ("attention", ("sdpa", "flash", "fmha", "cudnn")),
+                 ("optimizer", ("multi_tensor_apply",)),
+                 ("our Triton ops", ("_sinkhorn_", "_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd")),
+                 ("Inductor", ("triton_",)))
+
+
+def kernel_group(name):
+    name = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+
+
+def group_ms(step, steps=3):
+    """GPU milliseconds a step in each kernel group (and "other": eager copies, fills, ...)."""
+    ms = dict.fromkeys([group for group, _ in KERNEL_GROUPS] + ["other"], 0.0)
+    for e in kernel_times(step, steps):
+        ms[kernel_group(e.key)] += e.self_device_time_total / steps / 1000
+    return ms
 
 
 def profile_steps(step, label, top=25):

@@ -1306,6 +1306,19 @@ def test_bench_runs(tmp_path):
         assert len(rows) == 12 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
 
 
+def test_bench_groups_the_kernels_of_a_step():
+    # bench.py --profile=True splits a step's GPU time by kernel name; names from an H200 profile
+    import bench
+    for name, group in [("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "GEMM"),
+                        ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", "GEMM"),
+                        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "attention"),
+                        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+                        ("_sinkhorn_bwd_kernel", "our Triton ops"), ("_post_fwd_kernel", "our Triton ops"),
+                        ("triton_red_fused__to_copy_add_mean_pow_rsqrt_view_10", "Inductor"),
+                        ("void at::native::vectorized_elementwise_kernel<8, FillFunctor<float>>", "other")]:
+        assert bench.kernel_group(name) == group, name
+
+
 @slow
 def test_readme_usage_snippet_runs():
     # the "mHC in your own model" example of the README, exactly as printed there
