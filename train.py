@@ -140,6 +140,7 @@ def check_compile_mode(c):
     """--compile_mode (train.py's and bench.py's): the problem as one line, or None."""
     if c["compile_mode"] not in COMPILE_MODES:
         return f"--compile_mode={c['compile_mode']} is not one of torch.compile's modes: {', '.join(COMPILE_MODES)}"
+    return None
 
 
 def torch_compile_mode(compile_mode, device_type, ddp=False):
@@ -150,7 +151,6 @@ def torch_compile_mode(compile_mode, device_type, ddp=False):
     if compile_mode == "auto":
         compile_mode = "reduce-overhead" if device_type == "cuda" and not ddp else "default"
     return None if compile_mode == "default" else compile_mode
-    return None
 
 
 def data_hint(data_dir):
