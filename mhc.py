@@ -70,6 +70,14 @@ def sinkhorn(logits, iters=20):
 # would round the stream itself at every sublayer. A bf16 stream (GPTConfig.stream_dtype) is
 # only *stored* in bf16; the sums are still taken in fp32, as in the kernels.
 
+def inv_rms(v):
+    """1 / rms(v) over the last dim (eps 1e-6 inside the root), summed in fp32 (fp64 for the tests'
+    oracle) whatever v's dtype. The maps take rmsnorm(v) . W as (v . W) * inv_rms(v): the same
+    number, and a bf16 stream meets W in bf16 instead of through a normalized fp32 copy."""
+    v = v.to(torch.promote_types(v.dtype, torch.float32))
+    return torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 def stream_pre(x, H_pre):
     """The sublayer's input H_pre . x: x [..., n, C], H_pre [..., n] -> [..., C]."""
     dt = torch.promote_types(x.dtype, torch.float32)
@@ -138,10 +146,7 @@ class HyperConnection(Connection):
     def maps(self, x):
         n = self.n
         with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
-            # rmsnorm(x_j) . W as (x_j . W) / rms(x_j), as mHC's maps do: a bf16 stream meets W in bf16
-            dt = torch.promote_types(x.dtype, torch.float32)
-            rms = torch.rsqrt(x.to(dt).pow(2).mean(-1, keepdim=True) + 1e-6)
-            d = torch.tanh((x @ self.W.to(x.dtype)).to(dt) * rms)  # [..., n, n + 2]
+            d = torch.tanh((x @ self.W.to(x.dtype)) * inv_rms(x))  # rmsnorm(x_j) . W: [..., n, n + 2]
             b_pre, b_post, b_res = self.b.split([n, n, n * n])
             H_pre = b_pre + self.s[0] * d[..., 0]
             H_post = b_post + self.s[1] * d[..., 1]
@@ -207,11 +212,10 @@ class ManifoldHyperConnection(Connection):
     def maps(self, x):
         n = self.n
         with torch.autocast(x.device.type, enabled=False):  # the coefficients in fp32
-            dt = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 for the tests' oracle)
             v = x.flatten(-2)                                                        # [..., nC]
             # A bf16 stream meets phi in bf16 (fp32 sums, as autocast runs every Linear): an fp32
             # copy of the stream for the product would cost more bytes than the bf16 stream saves.
-            h = (v @ self.phi.to(v.dtype)).to(dt) * torch.rsqrt(v.to(dt).pow(2).mean(-1, keepdim=True) + 1e-6)  # (2)
+            h = (v @ self.phi.to(v.dtype)) * inv_rms(v)                              # (2)
             h_pre, h_post, h_res = h.split([n, n, self.n_res], dim=-1)
             b_pre, b_post, b_res = self.b.split([n, n, self.n_res])
             H_pre = torch.sigmoid(self.alpha[0] * h_pre + b_pre)                      # Eq. (3, 4)
