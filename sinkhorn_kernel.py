@@ -168,9 +168,9 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD:
 def _sinkhorn_launch_args(N, n, backward=False):
     """N_PAD (n padded to a power of 2), matrices per program, warps, grid. Small programs win: on an
     H200 (393,216 4x4, log domain) the forward was fastest with 64 matrices on 2 warps, the backward
-    with 16 matrices on 1 warp (7x and 6x faster than 32 and 16 matrices on 4 warps; bench.py)."""
+    with 32 matrices on 1 warp (4-6x faster than the same matrices on 2 or 4 warps; BENCHMARKS.md)."""
     N_PAD = triton.next_power_of_2(n)
-    BLOCK = max(1, (256 if backward else 1024) // (N_PAD * N_PAD))
+    BLOCK = max(1, (512 if backward else 1024) // (N_PAD * N_PAD))
     return N_PAD, BLOCK, 1 if backward else 2, (triton.cdiv(N, BLOCK),)
 
 
@@ -342,7 +342,7 @@ _TILES = {
     "pre_fwd": {4: (4096, 256, 8), 2: (4096, 256, 4)},
     "pre_bwd": {4: (1024, 256, 8), 2: (1024, 256, 4)},   # one token a program: the loop over C is the work
     "post_fwd": {4: (2048, 256, 4), 2: (4096, 256, 4)},
-    "post_bwd": {4: (4096, 64, 8), 2: (4096, 128, 4)},   # many tokens a program, 256 bytes a row
+    "post_bwd": {4: (2048, 128, 4), 2: (2048, 128, 4)},
 }
 
 
