@@ -1315,6 +1315,7 @@ def test_bench_groups_the_kernels_of_a_step():
                         ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
                         ("_sinkhorn_bwd_kernel", "our Triton ops"), ("_post_fwd_kernel", "our Triton ops"),
                         ("triton_red_fused__to_copy_add_mean_pow_rsqrt_view_10", "Inductor"),
+                        ("triton_poi_fused__to_copy_add_div_expand_mul_pow_stream_post_bwd_t_4", "Inductor"),
                         ("void at::native::vectorized_elementwise_kernel<8, FillFunctor<float>>", "other")]:
         assert bench.kernel_group(name) == group, name
 
