@@ -6,7 +6,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=kernels       # Sinkhorn and stream mixing only
     python bench.py --only=e2e --n_streams=2
     python bench.py --only=e2e --models=residual,mhc    # a quick check: two models, about two minutes
-    python bench.py --variants=True             # add the bf16-stream and recompute models
+    python bench.py --variants=True             # add the other stream dtype and the recompute models
     python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
     python bench.py --only=e2e --peers=True     # add Liger-Kernel's LigerMHC (pip install liger-kernel)
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
@@ -55,7 +55,7 @@ DEFAULTS = dict(
     compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
     compile_mode="auto",    # torch.compile's mode for the models, as train.py's: auto (CUDA graphs on a GPU), default, ...
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
-    variants=False,         # also the bf16-stream and recompute variants of the Triton models (a minute each to compile)
+    variants=False,         # also the other stream dtype (fp32 on a GPU) and recomputation (a minute each to compile)
     peers=False,            # also Liger-Kernel's LigerMHC in our GPT, beside our mHC with the same bf16 stream
     profile=False,          # where each model's step spends its GPU time (kernel groups; the mHC step kernel by kernel)
 )
@@ -209,13 +209,16 @@ def bench_e2e(c, device):
     if c["compiled_torch_mhc"]:
         runs.append(("mhc", "torch", True, False, "float32"))
     if triton_kernels(device):
-        runs += [("hc", "triton", cc, False, "float32"), ("mhc", "triton", cc, False, "float32"),
-                 ("mhc_lite", "triton", cc, False, "float32")]
+        # the stream as train.py stores it by default: bf16 when the step runs in bf16
+        stream = "bfloat16" if dtype == torch.bfloat16 else "float32"
+        other = "float32" if stream == "bfloat16" else "bfloat16"
+        runs += [("hc", "triton", cc, False, stream), ("mhc", "triton", cc, False, stream),
+                 ("mhc_lite", "triton", cc, False, stream)]
         if c["variants"]:
-            runs += [("mhc", "triton", cc, False, "bfloat16"), ("hc", "triton", cc, False, "bfloat16"),
-                     ("mhc", "triton", cc, True, "float32"), ("mhc", "triton", cc, True, "bfloat16")]
+            runs += [("mhc", "triton", cc, False, other), ("hc", "triton", cc, False, other),
+                     ("mhc", "triton", cc, True, stream), ("mhc", "triton", cc, True, other)]
         if c["peers"]:  # Liger's mHC keeps its stream in bf16: ours with the same stream beside it
-            if not c["variants"]:
+            if stream != "bfloat16" and not c["variants"]:
                 runs.append(("mhc", "triton", cc, False, "bfloat16"))
             runs.append(("mhc", "liger", cc, False, "bfloat16"))
     runs = [run for run in runs if run[0] in c["models"].split(",")]
@@ -228,7 +231,7 @@ def bench_e2e(c, device):
     for residual, kernel, compiled, recompute, stream_dtype in runs:
         name = "Liger-Kernel LigerMHC" if kernel == "liger" else kernel
         label = (f"{residual}, {name}, {'compiled' if compiled else 'eager'}{', recompute' if recompute else ''}"
-                 f"{', bf16 stream' if stream_dtype == 'bfloat16' else ''}")
+                 + ("" if residual == "residual" else f", {'bf16' if stream_dtype == 'bfloat16' else 'fp32'} stream"))
         try:
             ms, peak, first, step = time_model(c, device, ctx, shape, residual, kernel, compiled, recompute,
                                                stream_dtype)
@@ -246,7 +249,7 @@ def bench_e2e(c, device):
               f"{peak / base[1]:7.2f}x {first:10.1f} {busy}")
         if c["profile"] and device == "cuda":
             groups[label] = group_ms(step)
-            if residual == "mhc" and kernel == "triton" and not recompute:
+            if residual == "mhc" and kernel == "triton" and not recompute and stream_dtype == stream:
                 profile_steps(step, label)
         del step  # the model and its optimizer go before the next one's peak memory is measured
     if groups:

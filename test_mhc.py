@@ -899,6 +899,19 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_root, tmp_path):
                 assert resumed[key][field] == pytest.approx(row[field], rel=1e-6, abs=1e-7), (key, field)
 
 
+@slow
+def test_stream_dtype_auto_follows_the_training_dtype_and_a_resume_keeps_its_own(data_dir, tmp_path):
+    def train(out, *args):
+        p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--residual=mhc", *TRAIN_ARGS,
+                "--eval_interval=2", *args)
+        return p.stdout, torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["stream_dtype"]
+    assert train(tmp_path / "fp32", "--max_iters=2")[1] == "float32"  # the CPU trains in fp32
+    stdout, stream = train(tmp_path / "bf16", "--max_iters=2", "--dtype=bfloat16")
+    assert stream == "bfloat16" and "a bfloat16 stream" in stdout
+    stdout, stream = train(tmp_path / "bf16", "--max_iters=4", "--dtype=float32", "--init_from=resume")
+    assert stream == "bfloat16" and "a bfloat16 stream" in stdout
+
+
 def torchrun(*args, processes=2):
     """train.py (or another script) on `processes` CPU processes through torchrun, as a user starts DDP."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -1151,9 +1164,13 @@ def test_train_and_gptconfig_agree_on_the_connection_defaults():
     # train.py's DEFAULTS also fill in settings that an old checkpoint lacks: a connection default
     # changed in one place and not the other would build a different model from the same command
     import train
-    for key in ("n_streams", "sinkhorn_iters", "res_init", "post_init", "kernel", "recompute", "stream_dtype",
+    for key in ("n_streams", "sinkhorn_iters", "res_init", "post_init", "kernel", "recompute",
                 "dynamic", "res_mixing", "block_size", "n_layer", "n_head", "n_embd", "dropout"):
         assert train.DEFAULTS[key] == getattr(GPTConfig(), key), key
+    # "auto" follows the training dtype: fp32 on the CPU, as GPTConfig; a checkpoint without the
+    # setting was trained with an fp32 stream
+    assert train.DEFAULTS["stream_dtype"] == "auto"
+    assert train.EARLIER_DEFAULTS["stream_dtype"] == GPTConfig().stream_dtype == "float32"
 
 
 @slow

@@ -57,7 +57,7 @@ DEFAULTS = dict(
     post_init=1.0,              # mHC's H_post bias at init: +post_init on one stream, -post_init on the rest
     kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
     recompute=False,            # HC/mHC: recompute streams and maps in the backward (less memory)
-    stream_dtype="float32",     # HC/mHC: store the n-stream state in "float32" or "bfloat16"
+    stream_dtype="auto",        # HC/mHC: store the n-stream state in "float32", "bfloat16", or "auto" (as dtype)
     dynamic=True,               # ablation: False keeps only the static part of the maps
     res_mixing=True,            # ablation: False fixes H_res = I
     # AdamW, cosine schedule with linear warmup
@@ -109,9 +109,11 @@ def check_system(c):
 def check_settings(c):
     """Every setting that can be wrong on its own, checked before anything is read or written:
     the first problem as one line that names the setting and what it allows, or None."""
+    model_args = {k: c[k] for k in MODEL_KEYS if k != "vocab_size"}
+    if model_args["stream_dtype"] == "auto":  # resolved once the device is known
+        model_args["stream_dtype"] = "float32"
     try:  # the model's settings: GPTConfig checks them
-        GPTConfig(**{k: c[k] for k in MODEL_KEYS if k != "vocab_size"}, dropout=c["dropout"], kernel=c["kernel"],
-                  recompute=c["recompute"])
+        GPTConfig(**model_args, dropout=c["dropout"], kernel=c["kernel"], recompute=c["recompute"])
     except ValueError as e:
         return str(e)
     if c["init_from"] not in ("scratch", "resume"):
@@ -169,7 +171,7 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
-EARLIER_DEFAULTS = dict(post_init=0.0)  # model settings whose default changed after they were added
+EARLIER_DEFAULTS = dict(post_init=0.0, stream_dtype="float32")  # model settings whose default changed after they were added
 
 
 def load_checkpoint(path):
@@ -341,6 +343,11 @@ def main(argv):
         c.update({k: ckpt["model_args"][k] for k in MODEL_KEYS})
     elif resume:  # settings that only choose the initial weights: a resumed run's weights are past them
         c.update({k: ckpt["model_args"][k] for k in INIT_KEYS})
+    if c["stream_dtype"] == "auto":  # a resumed run keeps its stream; a new one stores it as it trains
+        # bf16 training gets a bf16 stream: half the bytes of the connections' hot path, and the same
+        # loss as an fp32 stream within seed noise at GPT-2 small's shape (RESULTS.md)
+        c["stream_dtype"] = ckpt["model_args"]["stream_dtype"] if resume else (
+            "bfloat16" if dtype == "bfloat16" else "float32")
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
     tokens_per_iter = micro_steps * c["batch_size"] * c["block_size"]
     if master:
@@ -385,7 +392,8 @@ def main(argv):
     raw_model = model
     if master:
         print(f"{model_args['residual']} model: {model.get_num_params() / 1e6:.2f}M parameters "
-              f"({model.num_connection_params():,} in the connections)")
+              f"({model.num_connection_params():,} in the connections"
+              + (f", a {c['stream_dtype']} stream)" if c["residual"] != "residual" else ")"))
     if c["compile"]:
         mode = torch_compile_mode(c["compile_mode"], device_type, ddp)
         if master:
