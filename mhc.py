@@ -73,9 +73,11 @@ def sinkhorn(logits, iters=20):
 def inv_rms(v):
     """1 / rms(v) over the last dim (eps 1e-6 inside the root), summed in fp32 (fp64 for the tests'
     oracle) whatever v's dtype. The maps take rmsnorm(v) . W as (v . W) * inv_rms(v): the same
-    number, and a bf16 stream meets W in bf16 instead of through a normalized fp32 copy."""
-    v = v.to(torch.promote_types(v.dtype, torch.float32))
-    return torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+    number, and a bf16 stream meets W in bf16 instead of through a normalized fp32 copy. The sum
+    of squares is a norm with an fp32 accumulator, not v.float().pow(2): its backward needs v
+    itself, so a compiled model keeps the bf16 stream for it and not an fp32 copy per sublayer."""
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.promote_types(v.dtype, torch.float32))
+    return torch.rsqrt(norm.square() / v.shape[-1] + 1e-6)
 
 
 def stream_pre(x, H_pre):

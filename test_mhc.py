@@ -641,6 +641,36 @@ def test_whole_triton_model_compiles_without_graph_breaks(residual):
         torch.testing.assert_close(g, r)
 
 
+@slow
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_compiled_bf16_stream_keeps_no_fp32_copy_of_the_stream_for_the_backward(residual):
+    # the maps' RMS sums a bf16 stream in fp32; if its backward needed that fp32 copy, the compiled
+    # model would keep one per sublayer, and a bf16 stream would cost more memory than an fp32 one
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    cfg = dict(TINY, n_layer=2, block_size=16, residual=residual, kernel="torch", stream_dtype="bfloat16")
+    n, C, saved = GPTConfig().n_streams, cfg["n_embd"], []
+
+    def forward_compiler(gm, inputs):  # the forward graph's outputs: the loss and what the backward keeps
+        out = next(node for node in gm.graph.nodes if node.op == "output")
+        saved.extend(a.meta["val"] for a in out.args[0] if isinstance(getattr(a, "meta", {}).get("val"), torch.Tensor))
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
+                                     bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                                     partition_fn=min_cut_rematerialization_partition)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg))
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = torch.compile(model, backend=backend)(idx, idx)
+    loss.backward()
+    streams = [t for t in saved if t.dim() >= 2 and (t.shape[-1] == n * C or t.shape[-2:] == (n, C))]
+    assert streams and all(t.dtype == torch.bfloat16 for t in streams), [(t.dtype, tuple(t.shape)) for t in streams]
+
+
 def test_compile_mode_auto_uses_cuda_graphs_on_one_gpu_only():
     import train
     assert train.torch_compile_mode("auto", "cuda") == "reduce-overhead"
