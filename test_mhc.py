@@ -1112,7 +1112,7 @@ def stops_with(main, args, capsys):
     (["--max_iters=-5"], "--max_iters=-5 must be at least 1"), (["--grad_clip=-1"], "0 turns clipping off"),
     (["--residual=mhc", "--kernel=foo"], "kernel='foo' is not known"), (["--min_lr=1"], "--min_lr=1.0"),
     (["--dropout=1"], "dropout=1.0"), (["--lr_decay_iters=0"], "--lr_decay_iters"), (["--device=tpu"], "not a device"),
-    (["--n_embd=100", "--n_head=3"], "multiple of n_head=3"), (["--stream_dtype=fp8"], "stream_dtype='fp8'"),
+    (["--n_embd=100", "--n_head=3"], "multiple of n_head=3"), (["--stream_dtype=fp8"], "--stream_dtype=fp8 is not known; use auto, float32 or bfloat16"),
     (["--residual=mhc_lite", "--n_streams=6"], "n_streams <= 5"), (["--weight_decay=-0.1"], "--weight_decay")])
 def test_train_bad_settings_stop_before_anything_is_written(args, fragment, tmp_path, capsys):
     import train

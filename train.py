@@ -109,6 +109,8 @@ def check_system(c):
 def check_settings(c):
     """Every setting that can be wrong on its own, checked before anything is read or written:
     the first problem as one line that names the setting and what it allows, or None."""
+    if c["stream_dtype"] not in ("auto", "float32", "bfloat16"):
+        return f"--stream_dtype={c['stream_dtype']} is not known; use auto, float32 or bfloat16"
     model_args = {k: c[k] for k in MODEL_KEYS if k != "vocab_size"}
     if model_args["stream_dtype"] == "auto":  # resolved once the device is known
         model_args["stream_dtype"] = "float32"
