@@ -337,7 +337,7 @@ def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, d
 
 # The fastest tiles of a sweep on an H200 (n = 4, C = 768, 16k tokens; BENCHMARKS.md has it):
 # values a tile, channels a tile row, warps; for a stream of 4-byte (fp32) and 2-byte (bf16) values.
-# Every kernel then runs at 71-94% of copy bandwidth; the bf16 stream at 4-28% with fp32's tiles.
+# Every kernel then runs at 69-94% of copy bandwidth; the bf16 stream ran at 4-28% with fp32's tiles.
 _TILES = {
     "pre_fwd": {4: (4096, 256, 8), 2: (4096, 256, 4)},
     "pre_bwd": {4: (1024, 256, 8), 2: (1024, 256, 4)},   # one token a program: the loop over C is the work
