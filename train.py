@@ -57,7 +57,7 @@ DEFAULTS = dict(
     post_init=1.0,              # mHC's H_post bias at init: +post_init on one stream, -post_init on the rest
     kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
     recompute=False,            # HC/mHC: recompute streams and maps in the backward (less memory)
-    stream_dtype="auto",        # HC/mHC: store the n-stream state in "float32", "bfloat16", or "auto" (as dtype)
+    stream_dtype="auto",        # HC/mHC: the n-stream state in "float32", "bfloat16", or "auto" (bf16 if dtype is)
     dynamic=True,               # ablation: False keeps only the static part of the maps
     res_mixing=True,            # ablation: False fixes H_res = I
     # AdamW, cosine schedule with linear warmup
@@ -173,7 +173,8 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
-EARLIER_DEFAULTS = dict(post_init=0.0, stream_dtype="float32")  # model settings whose default changed after they were added
+# model settings whose default changed after they were added, at their old default
+EARLIER_DEFAULTS = dict(post_init=0.0, stream_dtype="float32")
 
 
 def load_checkpoint(path):
