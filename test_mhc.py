@@ -683,14 +683,17 @@ def test_compile_mode_auto_uses_cuda_graphs_on_one_gpu_only():
 @slow
 @needs_triton
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("micro_steps", [1, 2])
-def test_cuda_graph_training_steps_match_eager(micro_steps):
+@pytest.mark.parametrize("micro_steps,stream_dtype", [(1, "float32"), (2, "float32"), (2, "bfloat16")])
+def test_cuda_graph_training_steps_match_eager(micro_steps, stream_dtype):
     # train.py's default on one GPU replays each step as CUDA graphs: the Triton ops must be
     # capturable (no host sync, no allocation outside the graph's pool) and give the same steps,
-    # also when a step accumulates the gradients of several micro-batches, as train.py does
+    # also when a step accumulates the gradients of several micro-batches, as train.py does, and
+    # with train.py's GPU default of a bf16 stream under bf16 autocast
     import train
     torch.manual_seed(0)
-    cfg = dict(TINY, block_size=16, residual="mhc", kernel="triton")
+    bf16 = stream_dtype == "bfloat16"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    cfg = dict(TINY, block_size=16, residual="mhc", kernel="triton", stream_dtype=stream_dtype)
     eager, graphed = GPT(GPTConfig(**cfg)).to(DEVICE), GPT(GPTConfig(**cfg)).to(DEVICE)
     graphed.load_state_dict(eager.state_dict())
     compiled = torch.compile(graphed, mode=train.torch_compile_mode("auto", "cuda"))
@@ -703,13 +706,15 @@ def test_cuda_graph_training_steps_match_eager(micro_steps):
             torch.compiler.cudagraph_mark_step_begin()
             total = 0.0
             for x in batches:
-                _, loss = model(x, x)
+                with ctx:
+                    _, loss = model(x, x)
                 (loss / micro_steps).backward()
                 total += loss.item()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses[name].append(total)
-    assert losses["graphed"] == pytest.approx(losses["eager"], rel=1e-4)
+    # bf16: the compiled and eager graphs round differently (fused or not), a few thousandths apart
+    assert losses["graphed"] == pytest.approx(losses["eager"], rel=1e-2 if bf16 else 1e-4)
 
 
 @slow
