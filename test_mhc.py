@@ -935,15 +935,17 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_root, tmp_path):
 
 
 @slow
-def test_stream_dtype_auto_follows_the_training_dtype_and_a_resume_keeps_its_own(data_dir, tmp_path):
-    def train(out, *args):
-        p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--residual=mhc", *TRAIN_ARGS,
-                "--eval_interval=2", *args)
-        return p.stdout, torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["stream_dtype"]
-    assert train(tmp_path / "fp32", "--max_iters=2")[1] == "float32"  # the CPU trains in fp32
-    stdout, stream = train(tmp_path / "bf16", "--max_iters=2", "--dtype=bfloat16")
+def test_stream_dtype_auto_follows_the_training_dtype_and_a_resume_keeps_its_own(data_dir, tmp_path, capsys):
+    import train
+
+    def train_run(out, *args):  # in this process: three short runs, without three interpreter starts
+        train.main([f"--data_dir={data_dir}", f"--out_dir={out}", "--residual=mhc", *TRAIN_ARGS,
+                    "--eval_interval=2", *args])
+        return capsys.readouterr().out, torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["stream_dtype"]
+    assert train_run(tmp_path / "fp32", "--max_iters=2")[1] == "float32"  # the CPU trains in fp32
+    stdout, stream = train_run(tmp_path / "bf16", "--max_iters=2", "--dtype=bfloat16")
     assert stream == "bfloat16" and "a bfloat16 stream" in stdout
-    stdout, stream = train(tmp_path / "bf16", "--max_iters=4", "--dtype=float32", "--init_from=resume")
+    stdout, stream = train_run(tmp_path / "bf16", "--max_iters=4", "--dtype=float32", "--init_from=resume")
     assert stream == "bfloat16" and "a bfloat16 stream" in stdout
 
 
