@@ -22,7 +22,7 @@ launches and autograd, not by its kernels. End to end: median ms per training st
 (forward, backward, AdamW) after warm-up, tokens/s, peak memory, and the time of the first step
 (compilation, with an empty compile cache), and on a GPU "GPU busy": the share of the step the
 GPU spends in kernels (under 100%, it waits on the CPU's launches). Ratios against the residual
-model are the claim, not absolute times. Write what you report into BENCHMARKS.md with the GPU, the date and this command.
+model are the claim, not absolute times; BENCHMARKS.md gives each figure with its GPU, date and command.
 """
 import functools
 import importlib.util
