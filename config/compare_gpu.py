@@ -5,6 +5,7 @@
 #   python prepare_data.py --input=webtext.train.jsonl --out_dir=data/webtext
 #   python train.py config/compare_gpu.py --residual=mhc --out_dir=out-cmp-mhc     (and residual, hc, mhc_lite)
 # (On OpenWebText instead: --data_dir=data/openwebtext and drop extra_val.)
+# (RESULTS.md's runs kept the stream in fp32: add --stream_dtype=float32 to repeat them exactly.)
 data_dir = "data/wiki"
 extra_val = "data/webtext"
 batch_size = 16

@@ -2,6 +2,7 @@
 #   python train.py config/depth_gpu.py --residual=hc  --out_dir=out-depth-hc
 #   python train.py config/depth_gpu.py --residual=mhc --out_dir=out-depth-mhc [--res_init=4 | --res_init=8]
 # (data as in config/compare_gpu.py; repeat with --seed=... for the seed spread)
+# (RESULTS.md's runs kept the stream in fp32: add --stream_dtype=float32 to repeat them exactly.)
 data_dir = "data/wiki"
 extra_val = "data/webtext"
 n_layer = 32
