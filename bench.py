@@ -202,16 +202,16 @@ def bench_e2e(c, device):
     ctx = torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False)
     shape = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                  bias=False, n_streams=c["n_streams"])
-    # (residual, kernel, compiled, recompute, stream dtype)
+    # (residual, kernel, compiled, recompute, stream dtype); the stream as train.py stores it by
+    # default: bf16 when the step runs in bf16
     cc = c["compile"]
-    runs = [("residual", "torch", cc, False, "float32"), ("hc", "torch", False, False, "float32"),
-            ("mhc", "torch", False, False, "float32")]
+    stream = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    other = "float32" if stream == "bfloat16" else "bfloat16"
+    runs = [("residual", "torch", cc, False, "float32"), ("hc", "torch", False, False, stream),
+            ("mhc", "torch", False, False, stream)]
     if c["compiled_torch_mhc"]:
-        runs.append(("mhc", "torch", True, False, "float32"))
+        runs.append(("mhc", "torch", True, False, stream))
     if triton_kernels(device):
-        # the stream as train.py stores it by default: bf16 when the step runs in bf16
-        stream = "bfloat16" if dtype == torch.bfloat16 else "float32"
-        other = "float32" if stream == "bfloat16" else "bfloat16"
         runs += [("hc", "triton", cc, False, stream), ("mhc", "triton", cc, False, stream),
                  ("mhc_lite", "triton", cc, False, stream)]
         if c["variants"]:

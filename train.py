@@ -57,7 +57,7 @@ DEFAULTS = dict(
     post_init=1.0,              # mHC's H_post bias at init: +post_init on one stream, -post_init on the rest
     kernel="auto",              # "auto" (Triton kernels on CUDA), "triton", "torch" (reference)
     recompute=False,            # HC/mHC: recompute streams and maps in the backward (less memory)
-    stream_dtype="auto",        # HC/mHC: the n-stream state in "float32", "bfloat16", or "auto" (bf16 if dtype is)
+    stream_dtype="auto",        # HC/mHC: the n-stream state: "float32", "bfloat16", "auto" (bf16 if dtype is; a resume: the checkpoint's)
     dynamic=True,               # ablation: False keeps only the static part of the maps
     res_mixing=True,            # ablation: False fixes H_res = I
     # AdamW, cosine schedule with linear warmup
@@ -320,7 +320,7 @@ def main(argv):
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    # bf16/fp16 autocast for the sublayers; mhc.py keeps the stream and its maps in fp32
+    # bf16/fp16 autocast for the sublayers; mhc.py keeps the maps in fp32 (the stream: --stream_dtype)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -349,8 +349,9 @@ def main(argv):
     if c["stream_dtype"] == "auto":  # a resumed run keeps its stream; a new one stores it as it trains
         # bf16 training gets a bf16 stream: half the bytes of the connections' hot path, and the same
         # loss as an fp32 stream within seed noise at GPT-2 small's shape (RESULTS.md)
+        # (a residual model has no streams: float32 there, so that no stream setting can stop its resume)
         c["stream_dtype"] = ckpt["model_args"]["stream_dtype"] if resume else (
-            "bfloat16" if dtype == "bfloat16" else "float32")
+            "bfloat16" if dtype == "bfloat16" and c["residual"] != "residual" else "float32")
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
     tokens_per_iter = micro_steps * c["batch_size"] * c["block_size"]
     if master:
