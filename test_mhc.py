@@ -947,7 +947,7 @@ def test_stream_dtype_auto_follows_the_training_dtype_and_a_resume_keeps_its_own
     assert stream == "bfloat16" and "a bfloat16 stream" in stdout
     stdout, stream = train_run(tmp_path / "bf16", "--max_iters=4", "--dtype=float32", "--init_from=resume")
     assert stream == "bfloat16" and "a bfloat16 stream" in stdout
-    # a residual model has no streams: float32 whatever it trains in, and any stream setting resumes it
+    # a residual model has no streams: any stream setting resumes it
     train_run(tmp_path / "res", "--max_iters=2", "--dtype=bfloat16", "--residual=residual")
     assert train_run(tmp_path / "res", "--max_iters=4", "--stream_dtype=float32", "--init_from=resume",
                      "--residual=residual")[1] == "float32"

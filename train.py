@@ -82,6 +82,8 @@ DEFAULTS = dict(
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "residual", "n_streams",
               "sinkhorn_iters", "res_init", "post_init", "stream_dtype", "dynamic", "res_mixing")
 INIT_KEYS = ("res_init", "post_init")  # of those, the ones that only choose the initial weights
+# of those, the connections' own: a residual model has none, so they cannot stop its resume
+STREAM_KEYS = ("n_streams", "sinkhorn_iters", "res_init", "post_init", "stream_dtype", "dynamic", "res_mixing")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -349,9 +351,8 @@ def main(argv):
     if c["stream_dtype"] == "auto":  # a resumed run keeps its stream; a new one stores it as it trains
         # bf16 training gets a bf16 stream: half the bytes of the connections' hot path, and the same
         # loss as an fp32 stream within seed noise at GPT-2 small's shape (RESULTS.md)
-        # (a residual model has no streams: float32 there, so that no stream setting can stop its resume)
         c["stream_dtype"] = ckpt["model_args"]["stream_dtype"] if resume else (
-            "bfloat16" if dtype == "bfloat16" and c["residual"] != "residual" else "float32")
+            "bfloat16" if dtype == "bfloat16" else "float32")
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
     tokens_per_iter = micro_steps * c["batch_size"] * c["block_size"]
     if master:
@@ -368,7 +369,8 @@ def main(argv):
     model_args = {k: c[k] for k in MODEL_KEYS}
     iter_num, best_val_loss = 0, float("inf")
     if resume:
-        diff = [k for k in MODEL_KEYS if ckpt["model_args"].get(k) != model_args[k]]
+        diff = [k for k in MODEL_KEYS if ckpt["model_args"].get(k) != model_args[k]
+                and not (c["residual"] == "residual" and k in STREAM_KEYS)]
         if diff:
             was = ", ".join(f"{k}={ckpt['model_args'].get(k)!r}" for k in diff)
             now = ", ".join(f"{k}={model_args[k]!r}" for k in diff)
