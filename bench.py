@@ -253,11 +253,10 @@ def bench_e2e(c, device):
                 profile_steps(step, label)
         del step  # the model and its optimizer go before the next one's peak memory is measured
     if groups:
-        names = [group for group, _ in KERNEL_GROUPS] + ["other"]
         print(f"\nGPU time a step by kernel group, ms (torch.profiler, 3 steps):\n{'model':<52}"
-              + "".join(f"{g:>16}" for g in names) + f"{'all':>10}")
+              + "".join(f"{g:>16}" for g in GROUP_NAMES) + f"{'all':>10}")
         for label, ms in groups.items():
-            print(f"{label:<52}" + "".join(f"{ms[g]:16.2f}" for g in names) + f"{sum(ms.values()):10.2f}")
+            print(f"{label:<52}" + "".join(f"{ms[g]:16.2f}" for g in GROUP_NAMES) + f"{sum(ms.values()):10.2f}")
 
 
 def time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, stream_dtype):
@@ -332,6 +331,7 @@ KERNEL_GROUPS = (("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
                  ("optimizer", ("multi_tensor_apply",)),
                  ("Inductor", ("triton_",)),  # before ours: Inductor names a kernel after the ops it fuses
                  ("our Triton ops", ("_sinkhorn_", "_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd")))
+GROUP_NAMES = tuple(group for group, _ in KERNEL_GROUPS) + ("other",)
 
 
 def kernel_group(name):
@@ -341,7 +341,7 @@ def kernel_group(name):
 
 def group_ms(step, steps=3):
     """GPU milliseconds a step in each kernel group (and "other": eager copies, fills, ...)."""
-    ms = dict.fromkeys([group for group, _ in KERNEL_GROUPS] + ["other"], 0.0)
+    ms = dict.fromkeys(GROUP_NAMES, 0.0)
     for e in kernel_times(step, steps):
         ms[kernel_group(e.key)] += e.self_device_time_total / steps / 1000
     return ms
