@@ -37,7 +37,7 @@ import torch.nn as nn
 import mhc
 from configurator import at_least, settings
 from model import GPT, GPTConfig
-from train import check_compile_mode, check_system, torch_compile_mode
+from train import auto_stream_dtype, check_compile_mode, check_system, torch_compile_mode
 
 DEFAULTS = dict(
     only="all",             # "all", "kernels", "e2e", or "ptxas" (compile for sm_90, no GPU needed)
@@ -205,7 +205,7 @@ def bench_e2e(c, device):
     # (residual, kernel, compiled, recompute, stream dtype); the stream as train.py stores it by
     # default: bf16 when the step runs in bf16
     cc = c["compile"]
-    stream = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    stream = auto_stream_dtype(str(dtype).removeprefix("torch."))
     other = "float32" if stream == "bfloat16" else "bfloat16"
     runs = [("residual", "torch", cc, False, "float32"), ("hc", "torch", False, False, stream),
             ("mhc", "torch", False, False, stream)]

@@ -149,6 +149,13 @@ def check_compile_mode(c):
     return None
 
 
+def auto_stream_dtype(dtype):
+    """--stream_dtype=auto for a new run training in `dtype`: bf16 training gets a bf16 stream, half
+    the bytes of the connections' hot path, with the same loss as an fp32 stream within seed noise
+    at GPT-2 small's shape (RESULTS.md); anything else an fp32 one."""
+    return "bfloat16" if dtype == "bfloat16" else "float32"
+
+
 def torch_compile_mode(compile_mode, device_type, ddp=False):
     """--compile_mode as torch.compile's `mode`. "auto" replays each step as CUDA graphs on one GPU:
     an HC/mHC step launches many small kernels, and without the graphs the GPU waits on the CPU's
@@ -349,10 +356,7 @@ def main(argv):
     elif resume:  # settings that only choose the initial weights: a resumed run's weights are past them
         c.update({k: ckpt["model_args"][k] for k in INIT_KEYS})
     if c["stream_dtype"] == "auto":  # a resumed run keeps its stream; a new one stores it as it trains
-        # bf16 training gets a bf16 stream: half the bytes of the connections' hot path, and the same
-        # loss as an fp32 stream within seed noise at GPT-2 small's shape (RESULTS.md)
-        c["stream_dtype"] = ckpt["model_args"]["stream_dtype"] if resume else (
-            "bfloat16" if dtype == "bfloat16" else "float32")
+        c["stream_dtype"] = ckpt["model_args"]["stream_dtype"] if resume else auto_stream_dtype(dtype)
     data = Data(c["data_dir"], c["block_size"], c["batch_size"], c["seed"], device, c["extra_val"])
     tokens_per_iter = micro_steps * c["batch_size"] * c["block_size"]
     if master:
