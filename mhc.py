@@ -184,9 +184,10 @@ class ManifoldHyperConnection(Connection):
       that to the power L. g = 6 keeps 0.79 of the identity over 24 sublayers (GPT-2 small) and
       0.53 over 64, where g = 4 keeps 0.01 over 64 (streams collapsed to one mix before training
       starts) and g = 8 starts with off-diagonals of 3e-4 (no mixing). Measured over 64 sublayers
-      (RESULTS.md, "Depth"): the g = 4 product stays within 0.02 of uniform all through training, the
-      g = 8 one stays at the identity, only g = 6 moves (Adam steps a logit by about the learning
-      rate; the product's response scales with the off-diagonal mass e^-g); losses tie.
+      (RESULTS.md, "Depth"), with post_init = 0 only the g = 6 product moves (g = 4 stays at
+      uniform, g = 8 at the identity: Adam steps a logit by about the learning rate, and the
+      product's response scales with the off-diagonal mass e^-g); with post_init = 1 all three
+      move. Losses tie either way, so g = 6, between the two ends, is the default.
     The symmetry: every stream starts as the same copy of the embedding. While the streams are
     equal, x_j = x for all j, the gradient of H_res[i, j] is g_i . x, the same along each row; a
     row-constant gradient is exactly what the Sinkhorn's last step (rows sum to 1) maps to zero,
