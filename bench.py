@@ -6,6 +6,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=kernels       # Sinkhorn and stream mixing only
     python bench.py --only=e2e --n_streams=2
     python bench.py --only=e2e --models=residual,mhc    # a quick check: two models, about two minutes
+    python bench.py --only=e2e --eager_torch=False      # skip the slow plain-PyTorch eager rows
     python bench.py --variants=True             # add the other stream dtype and the recompute models
     python bench.py --compiled_torch_mhc=True   # add plain-PyTorch mHC compiled (slow to compile)
     python bench.py --only=e2e --peers=True     # add Liger-Kernel's LigerMHC (pip install liger-kernel)
@@ -54,6 +55,7 @@ DEFAULTS = dict(
     models="residual,hc,mhc",  # the end-to-end models (also mhc_lite); e.g. --models=residual,mhc for a quick check
     compile=True,           # torch.compile the models (and time the compiled PyTorch ops)
     compile_mode="auto",    # torch.compile's mode for the models, as train.py's: auto (CUDA graphs on a GPU), default, ...
+    eager_torch=True,       # also time plain-PyTorch HC and mHC eager (mhc.py as written; slow on a GPU)
     compiled_torch_mhc=False,  # also time plain-PyTorch mHC under torch.compile (minutes to compile)
     variants=False,         # also the other stream dtype (fp32 on a GPU) and recomputation (a minute each to compile)
     peers=False,            # also Liger-Kernel's LigerMHC in our GPT, beside our mHC with the same bf16 stream
@@ -207,8 +209,9 @@ def bench_e2e(c, device):
     cc = c["compile"]
     stream = auto_stream_dtype(str(dtype).removeprefix("torch."))
     other = "float32" if stream == "bfloat16" else "bfloat16"
-    runs = [("residual", "torch", cc, False, "float32"), ("hc", "torch", False, False, stream),
-            ("mhc", "torch", False, False, stream)]
+    runs = [("residual", "torch", cc, False, "float32")]
+    if c["eager_torch"]:
+        runs += [("hc", "torch", False, False, stream), ("mhc", "torch", False, False, stream)]
     if c["compiled_torch_mhc"]:
         runs.append(("mhc", "torch", True, False, stream))
     if triton_kernels(device):

@@ -1364,6 +1364,17 @@ def test_bench_runs(tmp_path):
         assert len(rows) == 12 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
 
 
+def test_bench_e2e_rows_follow_the_flags():
+    # the end-to-end table times the models asked for; --eager_torch=False drops the slow
+    # plain-PyTorch rows (the CPU smoke version: a tiny model, times mean nothing)
+    env = {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}
+    rows = lambda out: [line.split(",")[0:2] for line in out.splitlines() if ", torch, " in line]
+    out = run("bench.py", "--device=cpu", "--only=e2e", "--models=residual,mhc", **env).stdout
+    assert rows(out) == [["residual", " torch"], ["mhc", " torch"]]
+    out = run("bench.py", "--device=cpu", "--only=e2e", "--models=residual,mhc", "--eager_torch=False", **env).stdout
+    assert rows(out) == [["residual", " torch"]]
+
+
 def test_bench_groups_the_kernels_of_a_step():
     # bench.py --profile=True splits a step's GPU time by kernel name; names from an H200 profile
     import bench
