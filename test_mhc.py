@@ -771,6 +771,14 @@ def run(script, *args, ok=True, **env):
     return p
 
 
+def ctrl_c_on():
+    """In a child process: Ctrl-C (SIGINT) as a terminal delivers it. A shell ignores SIGINT in what
+    it starts in the background (`pytest ... &`), and Python then never turns it into
+    KeyboardInterrupt; the Ctrl-C tests restore it so they test the scripts, not the shell."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def assert_clean_error(p, *fragments):
     """Bad input: exit code 1, one 'error:' line naming the problem, no traceback."""
     assert p.returncode == 1, p.stdout + p.stderr
@@ -1279,7 +1287,7 @@ def test_sample_prints_as_it_goes_and_ctrl_c_keeps_the_text(data_dir, tmp_root):
     out, _ = train_once(data_dir, tmp_root, "mhc")
     p = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={out}", "--start=ROMEO:", "--device=cpu",
                           "--max_new_tokens=100000", "--num_samples=1"], cwd=HERE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=ctrl_c_on)
     printed = b""
     while len(printed) < 40:  # text arrives long before the 100,000 tokens are done
         printed += p.stdout.read1(1024)
@@ -1311,7 +1319,8 @@ def test_ctrl_c_stops_training_and_says_what_is_kept(data_dir, tmp_path):
     import signal
     p = subprocess.Popen([sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", *TRAIN_ARGS,
                           "--max_iters=100000", "--log_interval=1"], cwd=HERE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=ctrl_c_on)
     for line in p.stdout:  # wait for the first checkpoint (step 10), then Ctrl-C
         if line.startswith("iter 12:"):
             break
