@@ -13,6 +13,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=ptxas         # registers and spills of every kernel for sm_90, no GPU needed
     python bench.py --only=e2e --profile=True   # GPU time by kernel group (GEMM, attention, ours, ...)
     python bench.py --only=e2e --compile_mode=default   # the models without CUDA graphs (the GPU waits on launches)
+    python bench.py --only=compile       # cold compile times: each model in a fresh process, empty caches
 
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
 the least (every input read once, every output written once), and "% copy" compares the
@@ -28,8 +29,11 @@ model are the claim, not absolute times; BENCHMARKS.md gives each figure with it
 import functools
 import importlib.util
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -41,7 +45,7 @@ from model import GPT, GPTConfig
 from train import auto_stream_dtype, check_compile_mode, check_system, torch_compile_mode
 
 DEFAULTS = dict(
-    only="all",             # "all", "kernels", "e2e", or "ptxas" (compile for sm_90, no GPU needed)
+    only="all",             # "all", "kernels", "e2e", "compile", or "ptxas" (compile for sm_90, no GPU needed)
     device="auto",          # "cpu" runs a tiny smoke version (no meaningful times)
     matrices=393216,        # Sinkhorn: 16k tokens x 24 sublayers
     tokens=16384,           # stream mixing: tokens of one sublayer
@@ -60,6 +64,7 @@ DEFAULTS = dict(
     variants=False,         # also the other stream dtype (fp32 on a GPU) and recomputation (a minute each to compile)
     peers=False,            # also Liger-Kernel's LigerMHC in our GPT, beside our mHC with the same bf16 stream
     profile=False,          # where each model's step spends its GPU time (kernel groups; the mHC step kernel by kernel)
+    rounds=2,               # --only=compile: cold compiles of each model, the models alternating
 )
 
 
@@ -199,11 +204,25 @@ def bench_kernels(c, device):
     l2_flush.cache_clear()  # free the 256 MB buffer: it would count in every end-to-end model's peak memory
 
 
-def bench_e2e(c, device):
+def allow_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: the maps' fp32 projection may use TF32
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def precision(device):
+    """The end-to-end models' compute dtype and autocast context: bf16 on a GPU, as train.py."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    ctx = torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False)
-    shape = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                 bias=False, n_streams=c["n_streams"])
+    return dtype, (torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False))
+
+
+def model_shape(c):
+    return dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
+                bias=False, n_streams=c["n_streams"])
+
+
+def bench_e2e(c, device):
+    dtype, ctx = precision(device)
+    shape = model_shape(c)
     # (residual, kernel, compiled, recompute, stream dtype); the stream as train.py stores it by
     # default: bf16 when the step runs in bf16
     cc = c["compile"]
@@ -262,8 +281,9 @@ def bench_e2e(c, device):
             print(f"{label:<52}" + "".join(f"{ms[g]:16.2f}" for g in GROUP_NAMES) + f"{sum(ms.values()):10.2f}")
 
 
-def time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, stream_dtype):
-    """(median ms a training step, peak GiB, seconds of the first step, the step function) of one model."""
+def build_step(c, device, ctx, shape, residual, kernel, compiled, recompute, stream_dtype):
+    """One model, its optimizer and a batch: (the model, the model as called (compiled or not), a
+    batch, one training step as a function)."""
     torch.manual_seed(0)
     if device == "cuda":
         torch._dynamo.reset()
@@ -286,6 +306,12 @@ def time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, str
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return model, step_model, x, step
+
+
+def time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, stream_dtype):
+    """(median ms a training step, peak GiB, seconds of the first step, the step function) of one model."""
+    _, _, _, step = build_step(c, device, ctx, shape, residual, kernel, compiled, recompute, stream_dtype)
     t = time.perf_counter()
     step()
     if device == "cuda":
@@ -296,6 +322,63 @@ def time_model(c, device, ctx, shape, residual, kernel, compiled, recompute, str
     ms = bench_fn(step, device) if device != "cuda" else _median_steps(step, c["steps"])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     return ms, peak, first, step
+
+
+def bench_compile(c, device):
+    """Cold compile times, as a user's first `python train.py` pays them: each model in a fresh
+    process with empty Inductor and Triton caches, compiling what train.py runs first (an
+    evaluation forward, then a training step), the models alternating, --rounds times."""
+    models = c["models"].split(",")
+    args = [f"--{k}={c[k]}" for k in ("device", "compile", "compile_mode", "n_streams", "n_embd", "n_layer", "n_head",
+                                      "batch_size", "block_size")]
+    print(f"\ncold compile, seconds: the evaluation forward and the first training step, each model in a fresh "
+          f"process with empty caches")
+    totals = {m: [] for m in models}
+    for r in range(c["rounds"]):
+        for m in models:
+            cache = tempfile.mkdtemp(prefix="bench-compile-cache-")
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"),
+                   "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+            p = subprocess.run([sys.executable, "-c", "import sys, bench; bench.compile_once(sys.argv[1], sys.argv[2:])",
+                                m, *args], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                               capture_output=True, text=True)
+            shutil.rmtree(cache, ignore_errors=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"compiling {m} failed:\n{p.stderr[-3000:]}")
+            t_eval, t_train = map(float, p.stdout.split()[-2:])
+            totals[m].append(t_eval + t_train)
+            print(f"{m:<10} round {r + 1}: evaluation {t_eval:6.1f}, training step {t_train:6.1f}, "
+                  f"both {t_eval + t_train:6.1f}", flush=True)
+    base = statistics.mean(totals["residual"])
+    for m in models:
+        print(f"{m:<10} mean {statistics.mean(totals[m]):6.1f} s = {statistics.mean(totals[m]) / base:.2f}x residual")
+
+
+def compile_once(residual, argv):
+    """One model's cold compile in this process (bench_compile starts a fresh one for each): prints
+    the seconds of the evaluation forward and of the first training step, each with its compile."""
+    c = settings(DEFAULTS, argv, allow_files=False)
+    device = c["device"]
+    dtype, ctx = precision(device)
+    streams = residual != "residual"
+    kernel = "triton" if streams and triton_kernels(device) else "torch"
+    stream_dtype = auto_stream_dtype(str(dtype).removeprefix("torch.")) if streams else "float32"
+    model, step_model, x, step = build_step(c, device, ctx, model_shape(c), residual, kernel, c["compile"], False,
+                                            stream_dtype)
+    if device == "cuda":
+        allow_tf32()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t = time.perf_counter()
+    model.eval()  # train.py evaluates before its first step: a graph of its own
+    with torch.no_grad(), ctx:
+        step_model(x, x)
+    sync()
+    t_eval = time.perf_counter() - t
+    model.train()
+    t = time.perf_counter()
+    step()
+    sync()
+    print(f"{t_eval:.3f} {time.perf_counter() - t:.3f}")
 
 
 def with_liger_connections(model):
@@ -413,8 +496,8 @@ def ptxas_report():
 
 def check_settings(c):
     """The first bad setting as one line, or None."""
-    if c["only"] not in ("all", "kernels", "e2e", "ptxas"):
-        return f"--only={c['only']} is not known; use all, kernels, e2e or ptxas"
+    if c["only"] not in ("all", "kernels", "e2e", "compile", "ptxas"):
+        return f"--only={c['only']} is not known; use all, kernels, e2e, compile or ptxas"
     problem = check_compile_mode(c) or check_system(dict(device=c["device"], dtype="auto"))  # train.py's checks
     if problem:
         return problem
@@ -427,7 +510,7 @@ def check_settings(c):
                 f"mhc, mhc_lite")
     if "residual" not in models:
         return f"--models={c['models']} leaves out residual, which every ratio is against; add it"
-    problem = at_least(c, ("matrices", "tokens", "steps", "batch_size"))
+    problem = at_least(c, ("matrices", "tokens", "steps", "batch_size", "rounds"))
     if problem:
         return problem
     try:  # the models' settings: GPTConfig checks them
@@ -457,8 +540,7 @@ def main(argv):
                  steps=2, compile=False)
     else:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: the maps' fp32 projection may use TF32
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
         # "1st step s" is a cold compile: a fresh Inductor and Triton cache, not one warmed by an
         # earlier run (a user's first run of train.py compiles cold too)
         import tempfile
@@ -468,6 +550,8 @@ def main(argv):
         bench_kernels(c, device)
     if c["only"] in ("all", "e2e"):
         bench_e2e(c, device)
+    if c["only"] == "compile":
+        bench_compile(c, device)
 
 
 if __name__ == "__main__":

@@ -1384,6 +1384,18 @@ def test_bench_e2e_rows_follow_the_flags():
     assert rows(out) == [["residual", " torch"]]
 
 
+@slow
+def test_bench_compile_times_each_model_in_a_fresh_process():
+    # --only=compile: every model of every round in its own process (the CPU smoke version does
+    # not compile; the rows and the ratio against the residual model are what is checked)
+    out = run("bench.py", "--device=cpu", "--only=compile", "--models=residual,mhc", "--rounds=2",
+              CUDA_VISIBLE_DEVICES="").stdout
+    rounds = [line.split()[:3] for line in out.splitlines() if " round " in line]
+    assert rounds == [["residual", "round", "1:"], ["mhc", "round", "1:"], ["residual", "round", "2:"],
+                      ["mhc", "round", "2:"]]
+    assert "residual   mean" in out and "= 1.00x residual" in out and out.count("x residual") == 2
+
+
 def test_bench_groups_the_kernels_of_a_step():
     # bench.py --profile=True splits a step's GPU time by kernel name; names from an H200 profile
     import bench
