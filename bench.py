@@ -210,9 +210,11 @@ def allow_tf32():
 
 
 def precision(device):
-    """The end-to-end models' compute dtype and autocast context: bf16 on a GPU, as train.py."""
+    """The end-to-end models' compute dtype, autocast context and stream dtype: bf16 on a GPU, and
+    the stream as train.py stores it by default (bf16 when the step runs in bf16)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return dtype, (torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False))
+    ctx = torch.autocast(device, dtype=dtype) if device == "cuda" else torch.autocast(device, enabled=False)
+    return dtype, ctx, auto_stream_dtype(str(dtype).removeprefix("torch."))
 
 
 def model_shape(c):
@@ -221,12 +223,10 @@ def model_shape(c):
 
 
 def bench_e2e(c, device):
-    dtype, ctx = precision(device)
+    dtype, ctx, stream = precision(device)
     shape = model_shape(c)
-    # (residual, kernel, compiled, recompute, stream dtype); the stream as train.py stores it by
-    # default: bf16 when the step runs in bf16
+    # (residual, kernel, compiled, recompute, stream dtype)
     cc = c["compile"]
-    stream = auto_stream_dtype(str(dtype).removeprefix("torch."))
     other = "float32" if stream == "bfloat16" else "bfloat16"
     runs = [("residual", "torch", cc, False, "float32")]
     if c["eager_torch"]:
@@ -331,16 +331,14 @@ def bench_compile(c, device):
     models = c["models"].split(",")
     args = [f"--{k}={c[k]}" for k in ("device", "compile", "compile_mode", "n_streams", "n_embd", "n_layer", "n_head",
                                       "batch_size", "block_size")]
-    print(f"\ncold compile, seconds: the evaluation forward and the first training step, each model in a fresh "
-          f"process with empty caches")
+    print("\ncold compile, seconds: the evaluation forward and the first training step, each model in a fresh "
+          "process with empty caches")
     totals = {m: [] for m in models}
     for r in range(c["rounds"]):
         for m in models:
-            cache = tempfile.mkdtemp(prefix="bench-compile-cache-")
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"),
-                   "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+            cache, env = cold_cache()
             p = subprocess.run([sys.executable, "-c", "import sys, bench; bench.compile_once(sys.argv[1], sys.argv[2:])",
-                                m, *args], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                                m, *args], cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, **env},
                                capture_output=True, text=True)
             shutil.rmtree(cache, ignore_errors=True)
             if p.returncode != 0:
@@ -358,15 +356,14 @@ def compile_once(residual, argv):
     """One model's cold compile in this process (bench_compile starts a fresh one for each): prints
     the seconds of the evaluation forward and of the first training step, each with its compile."""
     c = settings(DEFAULTS, argv, allow_files=False)
-    device = c["device"]
-    dtype, ctx = precision(device)
-    streams = residual != "residual"
-    kernel = "triton" if streams and triton_kernels(device) else "torch"
-    stream_dtype = auto_stream_dtype(str(dtype).removeprefix("torch.")) if streams else "float32"
-    model, step_model, x, step = build_step(c, device, ctx, model_shape(c), residual, kernel, c["compile"], False,
-                                            stream_dtype)
+    device = resolve_device(c)  # as main resolved it: --device comes as the user gave it
     if device == "cuda":
         allow_tf32()
+    _, ctx, stream = precision(device)
+    streams = residual != "residual"
+    kernel = "triton" if streams and triton_kernels(device) else "torch"
+    model, step_model, x, step = build_step(c, device, ctx, model_shape(c), residual, kernel, c["compile"], False,
+                                            stream if streams else "float32")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t = time.perf_counter()
     model.eval()  # train.py evaluates before its first step: a graph of its own
@@ -460,8 +457,6 @@ def _median_steps(step, steps):
 def ptxas_report():
     """Compile every kernel for an H100 (sm_90) without a GPU and print ptxas's register and
     spill counts: a check that the compiled path builds, with no timing in it."""
-    import subprocess
-    import tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -521,12 +516,26 @@ def check_settings(c):
     return None
 
 
-def main(argv):
-    c = settings(DEFAULTS, argv, check_settings, allow_files=False)
+def resolve_device(c):
+    """--device as "cuda", "cpu" or "none" (auto without a GPU); one GPU of several ("cuda:1")
+    becomes the current one, and the rest of bench.py says "cuda"."""
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "none")
-    if device.startswith("cuda:"):  # one GPU of several: make it the current one; the rest says "cuda"
+    if device.startswith("cuda:"):
         torch.cuda.set_device(device)
         device = "cuda"
+    return device
+
+
+def cold_cache():
+    """A fresh, empty Inductor and Triton cache: (its folder, the environment that points there)."""
+    cache = tempfile.mkdtemp(prefix="bench-compile-cache-")
+    return cache, {"TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"),
+                   "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+
+
+def main(argv):
+    c = settings(DEFAULTS, argv, check_settings, allow_files=False)
+    device = resolve_device(c)
     if c["only"] == "ptxas":
         if os.environ.get("TRITON_INTERPRET") == "1":  # as mhc.ops reads it
             sys.exit("error: --only=ptxas compiles the kernels; unset TRITON_INTERPRET first")
@@ -543,9 +552,7 @@ def main(argv):
         allow_tf32()
         # "1st step s" is a cold compile: a fresh Inductor and Triton cache, not one warmed by an
         # earlier run (a user's first run of train.py compiles cold too)
-        import tempfile
-        cache = tempfile.mkdtemp(prefix="bench-compile-cache-")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = cache + "/inductor", cache + "/triton"
+        os.environ.update(cold_cache()[1])
     if c["only"] in ("all", "kernels"):
         bench_kernels(c, device)
     if c["only"] in ("all", "e2e"):
