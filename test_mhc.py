@@ -1373,6 +1373,7 @@ def test_bench_runs(tmp_path):
         assert len(rows) == 12 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
 
 
+@slow
 def test_bench_e2e_rows_follow_the_flags():
     # the end-to-end table times the models asked for; --eager_torch=False drops the slow
     # plain-PyTorch rows (the CPU smoke version: a tiny model, times mean nothing)
