@@ -338,20 +338,25 @@ def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, d
 # The fastest tiles of a sweep on an H200 (n = 4, C = 768, 16k tokens; BENCHMARKS.md has it):
 # values a tile, channels a tile row, warps; for a stream of 4-byte (fp32) and 2-byte (bf16) values.
 # Every kernel then runs at 69-94% of copy bandwidth; the bf16 stream ran at 4-28% with fp32's tiles.
+# The tile is [BM, N_PAD, BC], except in the post backward, which works on one stream's [BM, BC] at
+# a time: its BM must not shrink as n grows. With fewer tokens than warps a program, each of its
+# n^2 sums over channels crosses warps through shared memory (n = 8 with 2 tokens on 4 warps: 3.2 ms
+# a call against 0.47 ms with 4 tokens).
 _TILES = {
     "pre_fwd": {4: (4096, 256, 8), 2: (4096, 256, 4)},
     "pre_bwd": {4: (1024, 256, 8), 2: (1024, 256, 4)},   # one token a program: the loop over C is the work
     "post_fwd": {4: (2048, 256, 4), 2: (4096, 256, 4)},
-    "post_bwd": {4: (2048, 128, 4), 2: (2048, 128, 4)},
+    "post_bwd": {4: (512, 128, 4), 2: (512, 128, 4)},     # [BM, BC] values: 4 tokens, one a warp
 }
 
 
 def _stream_tiles(kernel, n, C, value_bytes):
-    """N_PAD, BM tokens and BC channels a program, and warps, for a [BM, N_PAD, BC] tile."""
+    """N_PAD, BM tokens and BC channels a program, and warps."""
     elems, bc, warps = _TILES[kernel][min(value_bytes, 4)]  # fp64 (a test's oracle input) as fp32
     N_PAD = triton.next_power_of_2(n)
     BC = min(triton.next_power_of_2(C), bc)
-    return N_PAD, max(1, elems // (N_PAD * BC)), BC, warps
+    streams_a_tile = 1 if kernel == "post_bwd" else N_PAD
+    return N_PAD, max(1, elems // (streams_a_tile * BC)), BC, warps
 
 
 def _compute_dtype(x):
