@@ -5,6 +5,7 @@ The math first (Sinkhorn, the maps, the gains), then the model, then the program
 train, sample) run as a user runs them. Nothing here times anything; bench.py does that.
 """
 import functools
+import itertools
 import json
 import math
 import os
@@ -493,9 +494,10 @@ def test_kernel_sinkhorn_iterations_and_shapes(iters):
 
 
 @needs_triton
-@pytest.mark.parametrize("n,C,M", [(1, 7, 3), (2, 33, 5), (3, 130, 9), (4, 96, 11), (8, 20, 4)])
+@pytest.mark.parametrize("n,C,M", [(1, 7, 3), (2, 33, 5), (3, 130, 9), (4, 96, 11), (8, 20, 37)])
 def test_kernel_stream_mixing_forward_and_backward(n, C, M):
-    # C = 130 > 128 makes the backward loop over two chunks of channels, one of them partial
+    # C = 130 > 128 makes the backward loop over two chunks of channels, one of them partial;
+    # M = 37 gives n = 8 more than one program of tokens, the last one partial
     torch.manual_seed(n)
     inputs = [torch.randn(M, n, C), torch.randn(M, C), torch.rand(M, n), torch.rand(M, n, n), 2 * torch.rand(M, n)]
     ours = [t.to(DEVICE).requires_grad_() for t in inputs]
@@ -511,6 +513,15 @@ def test_kernel_stream_mixing_forward_and_backward(n, C, M):
         assert max_rel_err(got, ref) < 1e-5
     for got, ref in zip(ours, refs):
         assert max_rel_err(got.grad, ref.grad) < 1e-5
+
+
+@needs_triton
+def test_kernel_post_backward_tile_has_a_token_for_every_warp():
+    # With fewer tokens than warps a program, the warps share each token's channels and every one
+    # of the backward's n^2 sums over channels crosses warps (n = 8 ran 7x slower that way).
+    for n, C, value_bytes in itertools.product((1, 2, 3, 4, 5, 8, 16), (64, 768, 2048), (2, 4)):
+        _, BM, BC, warps = triton_kernels._stream_tiles("post_bwd", n, C, value_bytes)
+        assert BM >= warps and BC <= C, (n, C, value_bytes)
 
 
 def off_init(conn):
