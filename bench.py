@@ -14,6 +14,7 @@ whole training steps of residual / HC / mHC GPTs.
     python bench.py --only=e2e --profile=True   # GPU time by kernel group (GEMM, attention, ours, ...)
     python bench.py --only=e2e --compile_mode=default   # the models without CUDA graphs (the GPU waits on launches)
     python bench.py --only=compile       # cold compile times: each model in a fresh process, empty caches
+    python bench.py --only=tiles --n_streams=8   # sweep the stream kernels' tiles for this GPU and shape (minutes)
 
 Kernels are timed with triton.testing.do_bench (median); bytes are what each op must move at
 the least (every input read once, every output written once), and "% copy" compares the
@@ -45,7 +46,7 @@ from model import GPT, GPTConfig
 from train import auto_stream_dtype, check_compile_mode, check_system, torch_compile_mode
 
 DEFAULTS = dict(
-    only="all",             # "all", "kernels", "e2e", "compile", or "ptxas" (compile for sm_90, no GPU needed)
+    only="all",             # "all", "kernels", "e2e", "compile", "tiles", or "ptxas" (compile for sm_90, no GPU needed)
     device="auto",          # "cpu" runs a tiny smoke version (no meaningful times)
     matrices=393216,        # Sinkhorn: 16k tokens x 24 sublayers
     tokens=16384,           # stream mixing: tokens of one sublayer
@@ -65,7 +66,9 @@ DEFAULTS = dict(
     peers=False,            # also Liger-Kernel's LigerMHC in our GPT, beside our mHC with the same bf16 stream
     profile=False,          # where each model's step spends its GPU time (kernel groups; the mHC step kernel by kernel)
     rounds=2,               # --only=compile: cold compiles of each model, the models alternating
+    tile_kernels="pre_fwd,pre_bwd,post_fwd,post_bwd",  # --only=tiles: the stream kernels whose tiles it sweeps
 )
+TILE_KERNELS = ("pre_fwd", "pre_bwd", "post_fwd", "post_bwd")
 
 
 def triton_kernels(device):
@@ -202,6 +205,62 @@ def bench_kernels(c, device):
             t = timed(lambda: K.stream_post_bwd(g_out, x, y, h_res, h_post), device)
             row(f"stream_post n={n} C={C} x{M} bwd kernel, triton", t, 3 * xb + 2 * yb + cb, bw)
     l2_flush.cache_clear()  # free the 256 MB buffer: it would count in every end-to-end model's peak memory
+
+
+def tile_candidates():
+    """(values a tile, channels a tile row, warps) to try: 4 to 32 values a thread, 64 to 256 channels."""
+    return [(v, bc, w) for v in (512, 1024, 2048, 4096, 8192) for bc in (64, 128, 256) for w in (1, 2, 4, 8)
+            if 4 <= v // (32 * w) <= 32]
+
+
+def bench_tiles(c, device):
+    """The stream kernels' tiles swept at this shape on this GPU. sinkhorn_kernel.py ships the
+    fastest tiles of a sweep on an H200 at n = 4 (its _TILES); another GPU, n or C may want others.
+    Each kernel is launched directly with its shipped tile and with every candidate; a candidate
+    whose outputs differ from the shipped tile's is a bug, reported and left out of the ranking."""
+    K = triton_kernels(device)
+    if K is None:
+        print("--only=tiles launches the Triton kernels: it needs a GPU (or TRITON_INTERPRET=1 on the CPU)")
+        return
+    _, _, stream = precision(device)
+    n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
+    x, g = (torch.randn(M, n, C, device=device).to(getattr(torch, stream)) for _ in range(2))
+    y = torch.randn(M, C, device=device).to(x.dtype)
+    g_in = torch.randn(M, C, device=device)  # the gradient of the fp32 sublayer input
+    h_pre, h_post, h_res = torch.rand(M, n, device=device), torch.rand(M, n, device=device), torch.rand(M, n, n, device=device)
+    vb = x.element_size()
+    xb, yb, fb, cb = x.numel() * vb, y.numel() * vb, M * C * 4, M * (n * n + n) * 4  # least bytes of each tensor
+    kernels = {"pre_fwd": (lambda: K.stream_pre(x, h_pre), xb + fb),
+               "pre_bwd": (lambda: K.stream_pre_bwd(g_in, x, h_pre), 2 * xb + fb),
+               "post_fwd": (lambda: K.stream_post(x, y, h_res, h_post), 2 * xb + yb + cb),
+               "post_bwd": (lambda: K.stream_post_bwd(g, x, y, h_res, h_post), 3 * xb + 2 * yb + 2 * cb)}
+    bw = copy_bandwidth(device)
+    print(f"\nstream kernel tiles: n={n} C={C} x{M} tokens, {stream} stream; tokens x channels a program, warps; "
+          f"% of copy bandwidth ({bw / 1e9:.0f} GB/s)")
+    for name in c["tile_kernels"].split(","):
+        fn, nbytes = kernels[name]
+        shipped = K._TILES[name][vb]
+        show = lambda tile: "{1} x {2}, {3} warps".format(*K._stream_tiles(name, n, C, vb)[:3], tile[2])
+        ref, ms = fn(), bench_fn(fn, device)
+        print(f"{name:<9} shipped {show(shipped)} {shipped}: {ms:.3f} ms, {nbytes / ms / 1e-3 / bw:.0%}")
+        times, seen = [], set()
+        for tile in tile_candidates():
+            K._TILES[name][vb] = tile
+            try:
+                key = K._stream_tiles(name, n, C, vb)[1:3] + (tile[2],)
+                if key in seen:
+                    continue
+                seen.add(key)
+                out = fn()
+                if not all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4) for a, b in
+                           zip(*(o if isinstance(o, tuple) else (o,) for o in (out, ref)))):
+                    print(f"{'':<9} {show(tile)} {tile}: WRONG RESULT")
+                    continue
+                times.append((bench_fn(fn, device), show(tile), tile))
+            finally:
+                K._TILES[name][vb] = shipped
+        print(f"{'':<9} fastest: " + " | ".join(f"{s} {t}: {ms:.3f} ms, {nbytes / ms / 1e-3 / bw:.0%}"
+                                              for ms, s, t in sorted(times)[:3]))
 
 
 def allow_tf32():
@@ -491,8 +550,11 @@ def ptxas_report():
 
 def check_settings(c):
     """The first bad setting as one line, or None."""
-    if c["only"] not in ("all", "kernels", "e2e", "compile", "ptxas"):
-        return f"--only={c['only']} is not known; use all, kernels, e2e, compile or ptxas"
+    if c["only"] not in ("all", "kernels", "e2e", "compile", "tiles", "ptxas"):
+        return f"--only={c['only']} is not known; use all, kernels, e2e, compile, tiles or ptxas"
+    unknown = [k for k in c["tile_kernels"].split(",") if k not in TILE_KERNELS]
+    if unknown:
+        return f"--tile_kernels={c['tile_kernels']}: {unknown[0]!r} is not a stream kernel; use a comma list of {','.join(TILE_KERNELS)}"
     problem = check_compile_mode(c) or check_system(dict(device=c["device"], dtype="auto"))  # train.py's checks
     if problem:
         return problem
@@ -559,6 +621,8 @@ def main(argv):
         bench_e2e(c, device)
     if c["only"] == "compile":
         bench_compile(c, device)
+    if c["only"] == "tiles":
+        bench_tiles(c, device)
 
 
 if __name__ == "__main__":

@@ -1312,7 +1312,8 @@ def test_sample_prints_as_it_goes_and_ctrl_c_keeps_the_text(data_dir, tmp_root):
                                            (["--n_streams=0"], "n_streams=0"), (["--steps=0"], "--steps=0"),
                                            (["--models=residual,mhcc"], "'mhcc' is not a model"),
                                            (["--models=mhc"], "leaves out residual"),
-                                           (["--compile_mode=fast"], "torch.compile's modes")])
+                                           (["--compile_mode=fast"], "torch.compile's modes"),
+                                           (["--tile_kernels=post"], "'post' is not a stream kernel")])
 def test_bench_bad_settings(args, fragment, capsys):
     import bench
     assert fragment in stops_with(bench.main, args, capsys)
@@ -1394,6 +1395,17 @@ def test_bench_e2e_rows_follow_the_flags():
     assert rows(out) == [["residual", " torch"], ["mhc", " torch"]]
     out = run("bench.py", "--device=cpu", "--only=e2e", "--models=residual,mhc", "--eager_torch=False", **env).stdout
     assert rows(out) == [["residual", " torch"]]
+
+
+@slow
+@needs_triton
+def test_bench_tile_sweep_gets_the_same_result_from_every_tile():
+    # --only=tiles launches the stream kernels with every candidate tile and checks each against the
+    # shipped tile's outputs: the kernels' masks must hold for every tile (the CPU smoke version:
+    # 8 tokens, so most tiles hold more tokens than there are, and some split them over programs)
+    out = run("bench.py", "--device=cpu", "--only=tiles", "--tile_kernels=post_bwd,pre_bwd", CUDA_VISIBLE_DEVICES="",
+              TRITON_INTERPRET="1").stdout
+    assert out.count("shipped") == 2 and out.count("fastest:") == 2 and "WRONG" not in out
 
 
 @slow
