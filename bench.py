@@ -227,40 +227,38 @@ def bench_tiles(c, device):
     x, g = (torch.randn(M, n, C, device=device).to(getattr(torch, stream)) for _ in range(2))
     y = torch.randn(M, C, device=device).to(x.dtype)
     g_in = torch.randn(M, C, device=device)  # the gradient of the fp32 sublayer input
-    h_pre, h_post, h_res = torch.rand(M, n, device=device), torch.rand(M, n, device=device), torch.rand(M, n, n, device=device)
+    h_pre, h_post, h_res = (torch.rand(M, *shape, device=device) for shape in ((n,), (n,), (n, n)))
     vb = x.element_size()
     xb, yb, fb, cb = x.numel() * vb, y.numel() * vb, M * C * 4, M * (n * n + n) * 4  # least bytes of each tensor
     kernels = {"pre_fwd": (lambda: K.stream_pre(x, h_pre), xb + fb),
                "pre_bwd": (lambda: K.stream_pre_bwd(g_in, x, h_pre), 2 * xb + fb),
                "post_fwd": (lambda: K.stream_post(x, y, h_res, h_post), 2 * xb + yb + cb),
                "post_bwd": (lambda: K.stream_post_bwd(g, x, y, h_res, h_post), 3 * xb + 2 * yb + 2 * cb)}
+    as_tuple = lambda out: out if isinstance(out, tuple) else (out,)
     bw = copy_bandwidth(device)
-    print(f"\nstream kernel tiles: n={n} C={C} x{M} tokens, {stream} stream; tokens x channels a program, warps; "
-          f"% of copy bandwidth ({bw / 1e9:.0f} GB/s)")
+    print(f"\nstream kernel tiles: n={n} C={C} x{M} tokens, {stream} stream; tokens x channels a program, warps "
+          f"(the _TILES entry): time, % of copy bandwidth ({bw / 1e9:.0f} GB/s)")
     for name in c["tile_kernels"].split(","):
         fn, nbytes = kernels[name]
-        shipped = K._TILES[name][vb]
-        show = lambda tile: "{1} x {2}, {3} warps".format(*K._stream_tiles(name, n, C, vb)[:3], tile[2])
-        ref, ms = fn(), bench_fn(fn, device)
-        print(f"{name:<9} shipped {show(shipped)} {shipped}: {ms:.3f} ms, {nbytes / ms / 1e-3 / bw:.0%}")
-        times, seen = [], set()
-        for tile in tile_candidates():
+        shipped, ref, rows, seen = K._TILES[name][vb], as_tuple(fn()), [], set()
+        for tile in [shipped] + tile_candidates():  # the shipped tile first
             K._TILES[name][vb] = tile
             try:
-                key = K._stream_tiles(name, n, C, vb)[1:3] + (tile[2],)
-                if key in seen:
+                shape = K._stream_tiles(name, n, C, vb)[1:]  # tokens, channels and warps of a program
+                if shape in seen:
                     continue
-                seen.add(key)
-                out = fn()
-                if not all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4) for a, b in
-                           zip(*(o if isinstance(o, tuple) else (o,) for o in (out, ref)))):
-                    print(f"{'':<9} {show(tile)} {tile}: WRONG RESULT")
+                seen.add(shape)
+                outs = as_tuple(fn())
+                if not all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4) for a, b in zip(outs, ref)):
+                    print(f"{'':<9} {shape[0]} x {shape[1]}, {shape[2]} warps {tile}: WRONG RESULT")
                     continue
-                times.append((bench_fn(fn, device), show(tile), tile))
+                rows.append((bench_fn(fn, device), shape, tile))
             finally:
                 K._TILES[name][vb] = shipped
-        print(f"{'':<9} fastest: " + " | ".join(f"{s} {t}: {ms:.3f} ms, {nbytes / ms / 1e-3 / bw:.0%}"
-                                              for ms, s, t in sorted(times)[:3]))
+        show = lambda ms, shape, tile: (f"{shape[0]} x {shape[1]}, {shape[2]} warps {tile}: {ms:.3f} ms, "
+                                        f"{nbytes / ms / 1e-3 / bw:.0%}")
+        print(f"{name:<9} shipped {show(*rows[0])}")
+        print(f"{'':<9} fastest: " + " | ".join(show(*r) for r in sorted(rows)[:3]))
 
 
 def allow_tf32():
@@ -554,7 +552,8 @@ def check_settings(c):
         return f"--only={c['only']} is not known; use all, kernels, e2e, compile, tiles or ptxas"
     unknown = [k for k in c["tile_kernels"].split(",") if k not in TILE_KERNELS]
     if unknown:
-        return f"--tile_kernels={c['tile_kernels']}: {unknown[0]!r} is not a stream kernel; use a comma list of {','.join(TILE_KERNELS)}"
+        return (f"--tile_kernels={c['tile_kernels']}: {unknown[0]!r} is not a stream kernel; use a comma list of "
+                f"{','.join(TILE_KERNELS)}")
     problem = check_compile_mode(c) or check_system(dict(device=c["device"], dtype="auto"))  # train.py's checks
     if problem:
         return problem
