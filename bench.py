@@ -179,12 +179,12 @@ def bench_kernels(c, device):
     h_pre = torch.rand(M, n, device=device, requires_grad=True)
     h_res = torch.rand(M, n, n, device=device, requires_grad=True)
     h_post = torch.rand(M, n, device=device, requires_grad=True)
-    xb, yb, cb = M * n * C * 4, M * C * 2, M * (n * n + 2 * n) * 4
+    nbytes = stream_bytes(n, C, M, x.element_size(), y.element_size())
     g_in, g_out = torch.ones(M, C, device=device), torch.ones(M, n, C, device=device)  # upstream gradients
-    ops = [("stream_pre", lambda f: (lambda: f.stream_pre(x, h_pre)), xb + M * C * 4 + M * n * 4,
-            lambda f: fwd_bwd(f.stream_pre, [x, h_pre], [g_in]), 2 * xb + 2 * M * C * 4),
-           ("stream_post", lambda f: (lambda: f.stream_post(x, y, h_res, h_post)), 2 * xb + yb + cb,
-            lambda f: fwd_bwd(f.stream_post, [x, y, h_res, h_post], [g_out]), 3 * xb + 2 * yb + 2 * cb)]
+    ops = [("stream_pre", lambda f: (lambda: f.stream_pre(x, h_pre)), nbytes["pre_fwd"],
+            lambda f: fwd_bwd(f.stream_pre, [x, h_pre], [g_in]), nbytes["pre_bwd"]),
+           ("stream_post", lambda f: (lambda: f.stream_post(x, y, h_res, h_post)), nbytes["post_fwd"],
+            lambda f: fwd_bwd(f.stream_post, [x, y, h_res, h_post], [g_out]), nbytes["post_bwd"])]
 
     class Compiled:
         stream_pre, stream_post = torch.compile(mhc.stream_pre), torch.compile(mhc.stream_post)
@@ -201,10 +201,22 @@ def bench_kernels(c, device):
     if K:  # the backward kernels alone, without autograd around them: their own share of copy bandwidth
         with torch.no_grad():
             t = timed(lambda: K.stream_pre_bwd(g_in, x, h_pre), device)
-            row(f"stream_pre n={n} C={C} x{M} bwd kernel, triton", t, 2 * xb + M * C * 4 + M * n * 4, bw)
+            row(f"stream_pre n={n} C={C} x{M} bwd kernel, triton", t, nbytes["pre_bwd"], bw)
             t = timed(lambda: K.stream_post_bwd(g_out, x, y, h_res, h_post), device)
-            row(f"stream_post n={n} C={C} x{M} bwd kernel, triton", t, 3 * xb + 2 * yb + cb, bw)
+            row(f"stream_post n={n} C={C} x{M} bwd kernel, triton", t, nbytes["post_bwd"], bw)
     l2_flush.cache_clear()  # free the 256 MB buffer: it would count in every end-to-end model's peak memory
+
+
+def stream_bytes(n, C, M, x_bytes, y_bytes):
+    """The least bytes each stream kernel moves, every input read once and every output written once:
+    the stream x [M, n, C] and its gradient, the sublayer's output y [M, C] and its gradient, its fp32
+    input [M, C] and that input's gradient, and the fp32 maps and their gradients."""
+    xb, yb, fb = M * n * C * x_bytes, M * C * y_bytes, M * C * 4
+    pre, post = M * n * 4, M * (n * n + n) * 4  # H_pre; H_res and H_post
+    return {"pre_fwd": xb + pre + fb,                # read x and H_pre, write the layer input
+            "pre_bwd": 2 * xb + 2 * pre + fb,        # read x, H_pre and the input's gradient, write dx, dH_pre
+            "post_fwd": 2 * xb + yb + post,          # read x, y and the maps, write x_next
+            "post_bwd": 3 * xb + 2 * yb + 2 * post}  # read x, y, the maps and dx_next, write dx, dy and the maps'
 
 
 def tile_candidates():
@@ -229,17 +241,16 @@ def bench_tiles(c, device):
     g_in = torch.randn(M, C, device=device)  # the gradient of the fp32 sublayer input
     h_pre, h_post, h_res = (torch.rand(M, *shape, device=device) for shape in ((n,), (n,), (n, n)))
     vb = x.element_size()
-    xb, yb, fb, cb = x.numel() * vb, y.numel() * vb, M * C * 4, M * (n * n + n) * 4  # least bytes of each tensor
-    kernels = {"pre_fwd": (lambda: K.stream_pre(x, h_pre), xb + fb),
-               "pre_bwd": (lambda: K.stream_pre_bwd(g_in, x, h_pre), 2 * xb + fb),
-               "post_fwd": (lambda: K.stream_post(x, y, h_res, h_post), 2 * xb + yb + cb),
-               "post_bwd": (lambda: K.stream_post_bwd(g, x, y, h_res, h_post), 3 * xb + 2 * yb + 2 * cb)}
+    kernels = {"pre_fwd": lambda: K.stream_pre(x, h_pre), "pre_bwd": lambda: K.stream_pre_bwd(g_in, x, h_pre),
+               "post_fwd": lambda: K.stream_post(x, y, h_res, h_post),
+               "post_bwd": lambda: K.stream_post_bwd(g, x, y, h_res, h_post)}
+    all_bytes = stream_bytes(n, C, M, vb, vb)
     as_tuple = lambda out: out if isinstance(out, tuple) else (out,)
     bw = copy_bandwidth(device)
     print(f"\nstream kernel tiles: n={n} C={C} x{M} tokens, {stream} stream; tokens x channels a program, warps "
           f"(the _TILES entry): time, % of copy bandwidth ({bw / 1e9:.0f} GB/s)")
     for name in c["tile_kernels"].split(","):
-        fn, nbytes = kernels[name]
+        fn, nbytes = kernels[name], all_bytes[name]
         shipped, ref, rows, seen = K._TILES[name][vb], as_tuple(fn()), [], set()
         for tile in [shipped] + tile_candidates():  # the shipped tile first
             K._TILES[name][vb] = tile
