@@ -67,6 +67,7 @@ DEFAULTS = dict(
     profile=False,          # where each model's step spends its GPU time (kernel groups; the mHC step kernel by kernel)
     rounds=2,               # --only=compile: cold compiles of each model, the models alternating
     tile_kernels="pre_fwd,pre_bwd,post_fwd,post_bwd",  # --only=tiles: the stream kernels whose tiles it sweeps
+    tile_top=3,             # --only=tiles: how many of the fastest tiles it lists
 )
 TILE_KERNELS = ("pre_fwd", "pre_bwd", "post_fwd", "post_bwd")
 
@@ -219,17 +220,19 @@ def stream_bytes(n, C, M, x_bytes, y_bytes):
             "post_bwd": 3 * xb + 2 * yb + 2 * post}  # read x, y, the maps and dx_next, write dx, dy and the maps'
 
 
-def tile_candidates():
-    """(values a tile, channels a tile row, warps) to try: 4 to 32 values a thread, 64 to 512 channels."""
-    return [(v, bc, w) for v in (512, 1024, 2048, 4096, 8192) for bc in (64, 128, 256, 512) for w in (1, 2, 4, 8)
-            if 4 <= v // (32 * w) <= 32]
+def tile_candidates(streams):
+    """(tokens, channels, warps) a program to try: 64 to 512 channels, 4 to 128 values a thread (a
+    tile holds `streams` streams of each of its tokens)."""
+    return [(bm, bc, w) for bm in (1, 2, 4, 8, 16) for bc in (64, 128, 256, 512) for w in (1, 2, 4, 8)
+            if 4 <= bm * streams * bc // (32 * w) <= 128]
 
 
 def bench_tiles(c, device):
     """The stream kernels' tiles swept at this shape on this GPU. sinkhorn_kernel.py ships the
-    fastest tiles of a sweep on an H200 at n = 4 (its _TILES); another GPU, n or C may want others.
+    fastest tiles of sweeps on an H200 at n = 4 and 8 (its _TILES); another GPU or C may want others.
     Each kernel is launched directly with its shipped tile and with every candidate; a candidate
-    whose outputs differ from the shipped tile's is a bug, reported and left out of the ranking."""
+    whose outputs differ from the shipped tile's by more than rounding is a bug, reported and left
+    out of the ranking (tiles sum in different orders, so a bf16 output may differ by an ulp)."""
     K = triton_kernels(device)
     if K is None:
         print("--only=tiles launches the Triton kernels: it needs a GPU (or TRITON_INTERPRET=1 on the CPU)")
@@ -247,29 +250,32 @@ def bench_tiles(c, device):
     all_bytes = stream_bytes(n, C, M, vb, vb)
     as_tuple = lambda out: out if isinstance(out, tuple) else (out,)
     bw = copy_bandwidth(device)
+    key = K._tile_key(n, vb)
     print(f"\nstream kernel tiles: n={n} C={C} x{M} tokens, {stream} stream; tokens x channels a program, warps "
-          f"(the _TILES entry): time, % of copy bandwidth ({bw / 1e9:.0f} GB/s)")
+          f"(sinkhorn_kernel._TILES[kernel][{key}]): time, % of copy bandwidth ({bw / 1e9:.0f} GB/s)")
+    rtol = lambda t: 1e-4 if t.dtype in (torch.float32, torch.float64) else 2 * torch.finfo(t.dtype).eps
     for name in c["tile_kernels"].split(","):
         fn, nbytes = kernels[name], all_bytes[name]
-        shipped, ref, rows, seen = K._TILES[name][vb], as_tuple(fn()), [], set()
-        for tile in [shipped] + tile_candidates():  # the shipped tile first
-            K._TILES[name][vb] = tile
+        shipped, ref, rows, seen = K._TILES[name][key], as_tuple(fn()), [], set()
+        streams = 1 if name == "post_bwd" else K._stream_tiles(name, n, C, vb)[0]  # the post backward: one at a time
+        for tile in [shipped] + tile_candidates(streams):  # the shipped tile first
+            K._TILES[name][key] = tile
             try:
-                shape = K._stream_tiles(name, n, C, vb)[1:]  # tokens, channels and warps of a program
+                shape = K._stream_tiles(name, n, C, vb)[1:]  # tokens, channels (at most C) and warps of a program
                 if shape in seen:
                     continue
                 seen.add(shape)
                 outs = as_tuple(fn())
-                if not all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4) for a, b in zip(outs, ref)):
-                    print(f"{'':<9} {shape[0]} x {shape[1]}, {shape[2]} warps {tile}: WRONG RESULT")
+                if not all(torch.allclose(a.float(), b.float(), rtol=rtol(a), atol=1e-4) for a, b in zip(outs, ref)):
+                    print(f"{'':<9} {shape[0]} x {shape[1]}, {shape[2]} warps: WRONG RESULT")
                     continue
-                rows.append((bench_fn(fn, device), shape, tile))
+                rows.append((bench_fn(fn, device), shape))
             finally:
-                K._TILES[name][vb] = shipped
-        show = lambda ms, shape, tile: (f"{shape[0]} x {shape[1]}, {shape[2]} warps {tile}: {ms:.3f} ms, "
-                                        f"{nbytes / ms / 1e-3 / bw:.0%}")
+                K._TILES[name][key] = shipped
+        show = lambda ms, shape: f"{shape[0]} x {shape[1]}, {shape[2]} warps: {ms:.3f} ms, {nbytes / ms / 1e-3 / bw:.0%}"
         print(f"{name:<9} shipped {show(*rows[0])}")
-        print(f"{'':<9} fastest: " + " | ".join(show(*r) for r in sorted(rows)[:3]))
+        for i, r in enumerate(sorted(rows)[:c["tile_top"]]):
+            print(f"{'':<9} {'fastest' if i == 0 else '':<7} {show(*r)}")
 
 
 def allow_tf32():
@@ -581,7 +587,7 @@ def check_settings(c):
                 f"mhc, mhc_lite")
     if "residual" not in models:
         return f"--models={c['models']} leaves out residual, which every ratio is against; add it"
-    problem = at_least(c, ("matrices", "tokens", "steps", "batch_size", "rounds"))
+    problem = at_least(c, ("matrices", "tokens", "steps", "batch_size", "rounds", "tile_top"))
     if problem:
         return problem
     try:  # the models' settings: GPTConfig checks them

@@ -335,28 +335,30 @@ def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, d
              mask=(m[:, None] < M) & (i_[None, :] < n) & (j_[None, :] < n))
 
 
-# The fastest tiles of a sweep on an H200 (n = 4, C = 768, 16k tokens; BENCHMARKS.md has it):
-# values a tile, channels a tile row, warps; for a stream of 4-byte (fp32) and 2-byte (bf16) values.
-# Every kernel then runs at 69-94% of copy bandwidth; the bf16 stream ran at 4-28% with fp32's tiles.
-# The tile is [BM, N_PAD, BC], except in the post backward, which works on one stream's [BM, BC] at
-# a time: its BM must not shrink as n grows. With fewer tokens than warps a program, each of its
-# n^2 sums over channels crosses warps through shared memory (n = 8 with 2 tokens on 4 warps: 3.2 ms
-# a call against 0.47 ms with 4 tokens).
+# The fastest tiles of sweeps on an H200 (C = 768, 16k tokens; BENCHMARKS.md has them, and
+# `python bench.py --only=tiles` redoes them on any GPU): BM tokens and BC channels a program, and
+# warps, by the stream's value bytes (fp32 4, bf16 2) and by N_PAD (4 for n <= 4, 8 above). A program
+# that holds at least a token a warp keeps each token's sums over the streams inside one warp; with
+# fewer, every sum crosses warps through shared memory (n = 8's post backward with 2 tokens on 4
+# warps: 3.2 ms a call, against 0.47 ms with 4). The fp32 tiles at N_PAD = 8 were not swept: they
+# hold as many values as those at N_PAD = 4.
 _TILES = {
-    "pre_fwd": {4: (4096, 256, 8), 2: (4096, 256, 4)},
-    "pre_bwd": {4: (1024, 256, 8), 2: (1024, 256, 4)},   # one token a program: the loop over C is the work
-    "post_fwd": {4: (2048, 256, 4), 2: (4096, 256, 4)},
-    "post_bwd": {4: (512, 128, 4), 2: (512, 128, 4)},     # [BM, BC] values: 4 tokens, one a warp
+    "pre_fwd": {(4, 4): (4, 256, 8), (4, 8): (2, 256, 8), (2, 4): (4, 128, 2), (2, 8): (1, 512, 1)},
+    "pre_bwd": {(4, 4): (1, 256, 8), (4, 8): (1, 256, 8), (2, 4): (1, 512, 1), (2, 8): (1, 512, 1)},
+    "post_fwd": {(4, 4): (2, 256, 4), (4, 8): (1, 256, 4), (2, 4): (4, 256, 4), (2, 8): (1, 128, 1)},
+    "post_bwd": {(4, 4): (4, 128, 4), (4, 8): (4, 128, 4), (2, 4): (4, 128, 4), (2, 8): (4, 128, 4)},
 }
+
+
+def _tile_key(n, value_bytes):
+    """The _TILES entry for n streams of value_bytes each (fp64, a test's oracle input, as fp32)."""
+    return min(value_bytes, 4), 4 if n <= 4 else 8
 
 
 def _stream_tiles(kernel, n, C, value_bytes):
     """N_PAD, BM tokens and BC channels a program, and warps."""
-    elems, bc, warps = _TILES[kernel][min(value_bytes, 4)]  # fp64 (a test's oracle input) as fp32
-    N_PAD = triton.next_power_of_2(n)
-    BC = min(triton.next_power_of_2(C), bc)
-    streams_a_tile = 1 if kernel == "post_bwd" else N_PAD
-    return N_PAD, max(1, elems // (streams_a_tile * BC)), BC, warps
+    BM, BC, warps = _TILES[kernel][_tile_key(n, value_bytes)]
+    return triton.next_power_of_2(n), BM, min(triton.next_power_of_2(C), BC), warps
 
 
 def _compute_dtype(x):
