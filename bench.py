@@ -27,8 +27,10 @@ launches and autograd, not by its kernels. End to end: median ms per training st
 GPU spends in kernels (under 100%, it waits on the CPU's launches). Ratios against the residual
 model are the claim, not absolute times; BENCHMARKS.md gives each figure with its GPU, date and command.
 """
+import concurrent.futures
 import functools
 import importlib.util
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -227,6 +229,39 @@ def tile_candidates(streams):
             if 4 <= bm * streams * bc // (32 * w) <= 128]
 
 
+def tile_launches(K, c, device):
+    """The four stream kernels launched at this shape (--n_streams, --n_embd, --tokens) in the stream
+    dtype of training, the _TILES key they use, the stream's value bytes and its dtype's name."""
+    _, _, stream = precision(device)
+    n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
+    x, g = (torch.randn(M, n, C, device=device).to(getattr(torch, stream)) for _ in range(2))
+    y = torch.randn(M, C, device=device).to(x.dtype)
+    g_in = torch.randn(M, C, device=device)  # the gradient of the fp32 sublayer input
+    h_pre, h_post, h_res = (torch.rand(M, *shape, device=device) for shape in ((n,), (n,), (n, n)))
+    kernels = {"pre_fwd": lambda: K.stream_pre(x, h_pre), "pre_bwd": lambda: K.stream_pre_bwd(g_in, x, h_pre),
+               "post_fwd": lambda: K.stream_post(x, y, h_res, h_post),
+               "post_bwd": lambda: K.stream_post_bwd(g, x, y, h_res, h_post)}
+    return kernels, K._tile_key(n, x.element_size()), x.element_size(), stream
+
+
+def tiles_to_try(K, name, n, C, value_bytes):
+    """The shipped tile of a stream kernel, then every candidate."""
+    streams = 1 if name == "post_bwd" else K._stream_tiles(name, n, C, value_bytes)[0]  # post bwd: a stream at a time
+    return [K._TILES[name][K._tile_key(n, value_bytes)]] + tile_candidates(streams)
+
+
+def compile_tiles(c, gpu, jobs):
+    """In a worker process: launch each (kernel, tile) of `jobs` once, which leaves it compiled in
+    Triton's on-disk cache."""
+    torch.cuda.set_device(gpu)
+    K = triton_kernels("cuda")
+    kernels, key, _, _ = tile_launches(K, c, "cuda")
+    for name, tile in jobs:
+        K._TILES[name][key] = tile
+        kernels[name]()
+    torch.cuda.synchronize()
+
+
 def bench_tiles(c, device):
     """The stream kernels' tiles swept at this shape on this GPU. sinkhorn_kernel.py ships the
     fastest tiles of sweeps on an H200 at n = 4 and 8 (its _TILES); another GPU or C may want others.
@@ -237,28 +272,24 @@ def bench_tiles(c, device):
     if K is None:
         print("--only=tiles launches the Triton kernels: it needs a GPU (or TRITON_INTERPRET=1 on the CPU)")
         return
-    _, _, stream = precision(device)
-    n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
-    x, g = (torch.randn(M, n, C, device=device).to(getattr(torch, stream)) for _ in range(2))
-    y = torch.randn(M, C, device=device).to(x.dtype)
-    g_in = torch.randn(M, C, device=device)  # the gradient of the fp32 sublayer input
-    h_pre, h_post, h_res = (torch.rand(M, *shape, device=device) for shape in ((n,), (n,), (n, n)))
-    vb = x.element_size()
-    kernels = {"pre_fwd": lambda: K.stream_pre(x, h_pre), "pre_bwd": lambda: K.stream_pre_bwd(g_in, x, h_pre),
-               "post_fwd": lambda: K.stream_post(x, y, h_res, h_post),
-               "post_bwd": lambda: K.stream_post_bwd(g, x, y, h_res, h_post)}
+    n, C, M, names = c["n_streams"], c["n_embd"], c["tokens"], c["tile_kernels"].split(",")
+    kernels, key, vb, stream = tile_launches(K, c, device)
+    if device == "cuda":  # compile every tile first, in parallel: the timing below then finds each in Triton's cache
+        jobs = [(name, tile) for name in names for tile in tiles_to_try(K, name, n, C, vb)]
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2, len(jobs)))
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(compile_tiles, [c] * workers, [torch.cuda.current_device()] * workers,
+                          [jobs[i::workers] for i in range(workers)]))
     all_bytes = stream_bytes(n, C, M, vb, vb)
     as_tuple = lambda out: out if isinstance(out, tuple) else (out,)
     bw = copy_bandwidth(device)
-    key = K._tile_key(n, vb)
     print(f"\nstream kernel tiles: n={n} C={C} x{M} tokens, {stream} stream; tokens x channels a program, warps "
           f"(sinkhorn_kernel._TILES[kernel][{key}]): time, % of copy bandwidth ({bw / 1e9:.0f} GB/s)")
     rtol = lambda t: 1e-4 if t.dtype in (torch.float32, torch.float64) else 2 * torch.finfo(t.dtype).eps
-    for name in c["tile_kernels"].split(","):
+    for name in names:
         fn, nbytes = kernels[name], all_bytes[name]
         shipped, ref, rows, seen = K._TILES[name][key], as_tuple(fn()), [], set()
-        streams = 1 if name == "post_bwd" else K._stream_tiles(name, n, C, vb)[0]  # the post backward: one at a time
-        for tile in [shipped] + tile_candidates(streams):  # the shipped tile first
+        for tile in tiles_to_try(K, name, n, C, vb):  # the shipped tile first
             K._TILES[name][key] = tile
             try:
                 shape = K._stream_tiles(name, n, C, vb)[1:]  # tokens, channels (at most C) and warps of a program
