@@ -341,7 +341,7 @@ def _post_bwd_kernel(x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, d
 # that holds at least a token a warp keeps each token's sums over the streams inside one warp; with
 # fewer, every sum crosses warps through shared memory (n = 8's post backward with 2 tokens on 4
 # warps: 3.2 ms a call, against 0.47 ms with 4). The fp32 tiles at N_PAD = 8 were not swept: they
-# hold as many values as those at N_PAD = 4.
+# hold the values of N_PAD = 4's tile, or one token where that is more.
 _TILES = {
     "pre_fwd": {(4, 4): (4, 256, 8), (4, 8): (2, 256, 8), (2, 4): (4, 128, 2), (2, 8): (1, 512, 1)},
     "pre_bwd": {(4, 4): (1, 256, 8), (4, 8): (1, 256, 8), (2, 4): (1, 512, 1), (2, 8): (1, 512, 1)},
