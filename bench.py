@@ -29,6 +29,7 @@ model are the claim, not absolute times; BENCHMARKS.md gives each figure with it
 """
 import concurrent.futures
 import functools
+import json
 import importlib.util
 import multiprocessing
 import os
@@ -438,7 +439,7 @@ def bench_compile(c, device):
                                       "batch_size", "block_size")]
     print("\ncold compile, seconds: the evaluation forward and the first training step, each model in a fresh "
           "process with empty caches")
-    totals = {m: [] for m in models}
+    totals, phases = {m: [] for m in models}, {m: [] for m in models}
     for r in range(c["rounds"]):
         for m in models:
             cache, env = cold_cache()
@@ -448,13 +449,25 @@ def bench_compile(c, device):
             shutil.rmtree(cache, ignore_errors=True)
             if p.returncode != 0:
                 raise RuntimeError(f"compiling {m} failed:\n{p.stderr[-3000:]}")
-            t_eval, t_train = map(float, p.stdout.split()[-2:])
+            *_, phase_line, times = p.stdout.splitlines()
+            t_eval, t_train = map(float, times.split())
             totals[m].append(t_eval + t_train)
+            phases[m].append(json.loads(phase_line))
             print(f"{m:<10} round {r + 1}: evaluation {t_eval:6.1f}, training step {t_train:6.1f}, "
                   f"both {t_eval + t_train:6.1f}", flush=True)
     base = statistics.mean(totals["residual"])
     for m in models:
         print(f"{m:<10} mean {statistics.mean(totals[m]):6.1f} s = {statistics.mean(totals[m]) / base:.2f}x residual")
+    # Where the time goes: torch's own compile timers (torch._dynamo.utils.compile_times), the
+    # seconds of each phase over the two graphs, mean of the rounds. The phases nest (Inductor's
+    # lowering is inside the compile of the graph it lowers), so the rows do not add up.
+    mean = {m: {k: statistics.mean(r.get(k, 0.0) for r in phases[m]) for k in set().union(*phases[m])} for m in models}
+    rows = sorted({k for m in models for k, v in mean[m].items() if v >= 1.0}, key=lambda k: -max(mean[m].get(k, 0) for m in models))
+    if rows:
+        print(f"\ncompile phases, seconds (torch's compile timers; phases nest, so rows overlap)\n{'phase':<48}"
+              + "".join(f"{m:>10}" for m in models))
+        for k in rows:
+            print(f"{k[:47]:<48}" + "".join(f"{mean[m].get(k, 0):10.1f}" for m in models))
 
 
 def compile_once(residual, argv):
@@ -480,7 +493,14 @@ def compile_once(residual, argv):
     t = time.perf_counter()
     step()
     sync()
-    print(f"{t_eval:.3f} {time.perf_counter() - t:.3f}")
+    t_train = time.perf_counter() - t
+    try:  # torch's compile timers, each phase summed over the graphs compiled; {} where torch has none
+        names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+        phase = {k: float(v) for k, v in zip(names, values)}
+    except Exception:
+        phase = {}
+    print(json.dumps(phase))
+    print(f"{t_eval:.3f} {t_train:.3f}")
 
 
 def with_liger_connections(model):
