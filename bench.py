@@ -29,8 +29,8 @@ model are the claim, not absolute times; BENCHMARKS.md gives each figure with it
 """
 import concurrent.futures
 import functools
-import json
 import importlib.util
+import json
 import multiprocessing
 import os
 import shutil
@@ -462,7 +462,8 @@ def bench_compile(c, device):
     # seconds of each phase over the two graphs, mean of the rounds. The phases nest (Inductor's
     # lowering is inside the compile of the graph it lowers), so the rows do not add up.
     mean = {m: {k: statistics.mean(r.get(k, 0.0) for r in phases[m]) for k in set().union(*phases[m])} for m in models}
-    rows = sorted({k for m in models for k, v in mean[m].items() if v >= 1.0}, key=lambda k: -max(mean[m].get(k, 0) for m in models))
+    top = {k: max(mean[m].get(k, 0.0) for m in models) for k in set().union(*mean.values())}
+    rows = sorted((k for k in top if top[k] >= 1.0), key=top.get, reverse=True)  # a second or more in some model
     if rows:
         print(f"\ncompile phases, seconds (torch's compile timers; phases nest, so rows overlap)\n{'phase':<48}"
               + "".join(f"{m:>10}" for m in models))
