@@ -155,6 +155,7 @@ def bench_kernels(c, device):
     print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
     print(f"{'op':<56} {'time':>12} {'in kernels':>12} {'min bytes':>13} {'achieved':>14} {'% copy':>7} {'vs eager':>8}")
     compiled_sinkhorn = torch.compile(mhc.sinkhorn) if c["compile"] else None
+    compiled_coefficients = torch.compile(mhc.coefficients) if c["compile"] else None
     for n in (4, 8):
         N = c["matrices"]
         L = torch.randn(N, n, n, device=device, requires_grad=True)
@@ -176,6 +177,24 @@ def bench_kernels(c, device):
             with torch.no_grad():
                 t = timed(lambda: K.sinkhorn_bwd(G, L, 20), device)
             row(f"sinkhorn {n}x{n} x{N} bwd kernel, triton", t, 3 * N * n * n * 4, bw)
+        # mHC's gates and Sinkhorn from the projection h [N, 2n + n^2] (Eqs. 3-4), what a connection runs
+        W = 2 * n + n * n
+        h = torch.randn(N, W, device=device, requires_grad=True)
+        alpha = torch.full((3,), 0.5, device=device, requires_grad=True)
+        b = torch.randn(W, device=device, requires_grad=True)
+        grads = [torch.randn(N, n, device=device), torch.randn(N, n, device=device), G]
+        variants = [("torch eager", mhc.coefficients)]
+        if compiled_coefficients:
+            variants.append(("torch.compile", compiled_coefficients))
+        if K:
+            variants.append(("triton", K.coefficients))
+        base = {}
+        for label, fn in variants:  # bytes: h and the maps; + bwd: h, their gradients, dh
+            with torch.no_grad():
+                t = timed(lambda: fn(h, alpha, b, n, 20), device)
+            row(f"coefficients n={n} x{N} fwd, {label}", t, 2 * N * W * 4, bw, base.setdefault("f", t[0]))
+            t = timed(fwd_bwd(lambda h, alpha, b: fn(h, alpha, b, n, 20), [h, alpha, b], grads), device)
+            row(f"coefficients n={n} x{N} fwd+bwd, {label}", t, 5 * N * W * 4, bw, base.setdefault("b", t[0]))
     # stream mixing of one sublayer: x [M, n, C] fp32 stream, y [M, C] bf16 sublayer output
     n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
     x = torch.randn(M, n, C, device=device, requires_grad=True)
@@ -539,7 +558,7 @@ KERNEL_GROUPS = (("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
                  ("attention", ("sdpa", "flash", "fmha", "cudnn")),
                  ("optimizer", ("multi_tensor_apply",)),
                  ("Inductor", ("triton_",)),  # before ours: Inductor names a kernel after the ops it fuses
-                 ("our Triton ops", ("_sinkhorn_", "_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd")))
+                 ("our Triton ops", ("_sinkhorn_", "_coefs_", "_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd")))
 GROUP_NAMES = tuple(group for group, _ in KERNEL_GROUPS) + ("other",)
 
 
@@ -610,9 +629,10 @@ def ptxas_report():
     for n in (4, 8):  # the tiles and warps the launches use (fp32 stream)
         for backward in (False, True):
             N_PAD, BLOCK, warps, _ = sk._sinkhorn_launch_args(1, n, backward=backward)
-            report(f"sinkhorn {'bwd' if backward else 'fwd'} n={n}",
-                   sk._sinkhorn_bwd_kernel if backward else sk._sinkhorn_fwd_kernel,
-                   dict(n=n, N_PAD=N_PAD, ITERS=20, BLOCK=BLOCK), warps)
+            for name, fwd, bwd in (("sinkhorn", sk._sinkhorn_fwd_kernel, sk._sinkhorn_bwd_kernel),
+                                   ("coefficients", sk._coefs_fwd_kernel, sk._coefs_bwd_kernel)):
+                report(f"{name} {'bwd' if backward else 'fwd'} n={n}", bwd if backward else fwd,
+                       dict(n=n, N_PAD=N_PAD, ITERS=20, BLOCK=BLOCK), warps)
         for kernel in ("pre_fwd", "pre_bwd", "post_fwd", "post_bwd"):
             N_PAD, BM, BC, warps = sk._stream_tiles(kernel, n, 768, 4)
             report(f"stream_{kernel.replace('_', ' ')} n={n} C=768", getattr(sk, f"_{kernel}_kernel"),

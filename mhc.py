@@ -64,6 +64,24 @@ def sinkhorn(logits, iters=20):
     return log_m.exp()
 
 
+def gates(h, alpha, b, n):
+    """Eqs. (3)-(4) up to the projection of H_res: from h = [h_pre | h_post | h_res] [..., 2n + r]
+    and the static parts b (same layout), H_pre, H_post and the logits of H_res [..., r]."""
+    h_pre, h_post, h_res = h.split([n, n, h.shape[-1] - 2 * n], dim=-1)
+    b_pre, b_post, b_res = b.split([n, n, b.shape[-1] - 2 * n])
+    H_pre = torch.sigmoid(alpha[0] * h_pre + b_pre)
+    H_post = 2 * torch.sigmoid(alpha[1] * h_post + b_post)
+    return H_pre, H_post, alpha[2] * h_res + b_res
+
+
+def coefficients(h, alpha, b, n, iters=20):
+    """mHC's maps from h [..., 2n + n^2]: the gates, then the Sinkhorn of H_res's logits. The
+    Triton version is one kernel (forward and backward), a few ops for torch.compile to lower
+    in place of some forty a connection."""
+    H_pre, H_post, res_logits = gates(h, alpha, b, n)
+    return H_pre, H_post, sinkhorn(res_logits.unflatten(-1, (n, n)), iters)
+
+
 # ----------------------------------------------------------------------------------------------
 # The connection around one sublayer: Eq. (1). HC and mHC differ only in how they make the maps.
 # The stream products run outside autocast and in (at least) fp32: under bf16 autocast an einsum
@@ -208,22 +226,17 @@ class ManifoldHyperConnection(Connection):
     def res_bias(self, res_init):
         return (res_init * torch.eye(self.n)).flatten()
 
-    def res_map(self, logits, x):
-        """Eq. 4's H_res from the gated logits [..., n*n]: the Sinkhorn projection."""
-        return ops(self.kernel, x).sinkhorn(logits.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
+    def coefficients(self, h, x):
+        """Eqs. (3)-(4): H_pre, H_post and H_res = Sinkhorn(H~_res) from the projection h."""
+        return ops(self.kernel, x).coefficients(h, self.alpha, self.b, self.n, self.sinkhorn_iters)
 
     def maps(self, x):
-        n = self.n
         with torch.autocast(x.device.type, enabled=False):  # the coefficients in fp32
             v = x.flatten(-2)                                                        # [..., nC]
             # A bf16 stream meets phi in bf16 (fp32 sums, as autocast runs every Linear): an fp32
             # copy of the stream for the product would cost more bytes than the bf16 stream saves.
             h = (v @ self.phi.to(v.dtype)) * inv_rms(v)                              # (2)
-            h_pre, h_post, h_res = h.split([n, n, self.n_res], dim=-1)
-            b_pre, b_post, b_res = self.b.split([n, n, self.n_res])
-            H_pre = torch.sigmoid(self.alpha[0] * h_pre + b_pre)                      # Eq. (3, 4)
-            H_post = 2 * torch.sigmoid(self.alpha[1] * h_post + b_post)
-            H_res = self.res_map(self.alpha[2] * h_res + b_res, x)
+            H_pre, H_post, H_res = self.coefficients(h, x)                           # (3), (4)
         return H_pre, H_post, self.res_or_identity(H_res)
 
 
@@ -250,8 +263,9 @@ class ManifoldHyperConnectionLite(ManifoldHyperConnection):
         g = math.log((d * (N - 1) - (math.factorial(n - 1) - 1)) / (1 - d)) if n > 1 else 0.0
         return F.one_hot(torch.tensor(0), N).float() * g
 
-    def res_map(self, logits, x):
-        return torch.einsum("...r,rij->...ij", torch.softmax(logits, dim=-1), self.P)
+    def coefficients(self, h, x):
+        H_pre, H_post, res_logits = gates(h, self.alpha, self.b, self.n)
+        return H_pre, H_post, torch.einsum("...r,rij->...ij", torch.softmax(res_logits, dim=-1), self.P)
 
 
 def make_connection(residual, n, C, layer_id, sinkhorn_iters=20, res_init=6.0, post_init=1.0, kernel="torch",
@@ -341,10 +355,11 @@ def check_kernel(kernel):
 
 
 def ops(kernel, x):
-    """The one place that picks the code for Sinkhorn and the stream read/write: this file's
-    reference (kernel="torch"), sinkhorn_kernel.py's Triton kernels ("triton"), or "auto": Triton
-    on CUDA tensors, the reference elsewhere. Everything else (the maps' projection, norms and
-    gates) is plain PyTorch on either path, which torch.compile fuses well."""
+    """The one place that picks the code for mHC's gates and Sinkhorn (coefficients) and the stream
+    read/write: this file's reference (kernel="torch"), sinkhorn_kernel.py's Triton kernels
+    ("triton"), or "auto": Triton on CUDA tensors, the reference elsewhere. Everything else (the
+    maps' projection and norm, HC's and mHC-lite's gates) is plain PyTorch on either path, which
+    torch.compile fuses well."""
     if kernel == "torch" or (kernel == "auto" and not (x.is_cuda and triton_kernels is not None)):
         return sys.modules[__name__]
     check_kernel(kernel)

@@ -2,12 +2,13 @@
 Triton kernels for the mHC hot path, registered with torch.library so that torch.compile sees
 each one as a single opaque op (no graph break, no tracing of the Sinkhorn loop).
 
-    sinkhorn(logits, iters=20)         the projection of mhc.sinkhorn, forward and backward
-    stream_pre(x, H_pre)               layer_in = H_pre . x                 (Eq. 1, read)
-    stream_post(x, y, H_res, H_post)   x_next = H_res . x + H_post^T y      (Eq. 1, write)
+    sinkhorn(logits, iters=20)           the projection of mhc.sinkhorn, forward and backward
+    coefficients(h, alpha, b, n, iters)  mHC's gates and Sinkhorn, mhc.coefficients    (Eqs. 3-4)
+    stream_pre(x, H_pre)                 layer_in = H_pre . x                 (Eq. 1, read)
+    stream_post(x, y, H_res, H_post)     x_next = H_res . x + H_post^T y      (Eq. 1, write)
 
-The rest of a connection (the maps' projection, RMS, gates, sigmoids) stays plain PyTorch in
-mhc.py, which torch.compile turns into a few fused kernels of its own.
+The rest of a connection (the maps' projection and RMS) stays plain PyTorch in mhc.py, which
+torch.compile turns into a few fused kernels of its own.
 
 mhc.py is the reference these are tested against (test_mhc.py, float64 oracle; on a CPU the
 kernels run in Triton's interpreter, TRITON_INTERPRET=1).
@@ -62,20 +63,36 @@ def _inv(s, valid):
 
 
 @triton.jit
-def _load_logits(L_ptr, pid, N, n: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """A tile of logits (padding = -inf), the masks of its entries and rows/columns, K = exp(L -
-    max) per matrix, and whether the block runs in the exp domain (every spread below SPREAD)."""
+def _matrices(pid, N, n: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The program's BLOCK matrices: their indices m, and the [BLOCK, N_PAD, N_PAD] offsets and mask
+    of their entries in an [N, n, n] tensor."""
     m = pid * BLOCK + tl.arange(0, BLOCK)
     i = tl.arange(0, N_PAD)
     offs = m[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
     mask = (m[:, None, None] < N) & (i[None, :, None] < n) & (i[None, None, :] < n)
-    L = tl.load(L_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    return m, offs, mask
+
+
+@triton.jit
+def _prepare(L, m, mask, N, n: tl.constexpr, N_PAD: tl.constexpr):
+    """For a tile of logits (padding = -inf): the masks of its rows/columns, K = exp(L - max) per
+    matrix, and whether the block runs in the exp domain (every spread below SPREAD)."""
+    i = tl.arange(0, N_PAD)
     valid = (m[:, None] < N) & (i[None, :] < n)  # [BLOCK, N_PAD]: a real row (or column)
     hi = tl.max(tl.max(L, axis=2), axis=1)
     lo = tl.min(tl.min(tl.where(mask, L, float("inf")), axis=2), axis=1)
     real = m < N
     K = tl.exp(L - tl.where(real, hi, 0.0)[:, None, None])  # padding: exp(-inf) = 0
     exp_domain = tl.max(tl.where(real, hi - lo, 0.0), axis=0) < SPREAD
+    return K, valid, exp_domain
+
+
+@triton.jit
+def _load_logits(L_ptr, pid, N, n: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """A tile of logits (padding = -inf), its offsets and masks, and what _prepare gives."""
+    m, offs, mask = _matrices(pid, N, n, N_PAD, BLOCK)
+    L = tl.load(L_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    K, valid, exp_domain = _prepare(L, m, mask, N, n, N_PAD)
     return L, K, offs, mask, valid, exp_domain
 
 
@@ -135,6 +152,13 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD:
     pid = tl.program_id(0)
     L, K, offs, mask, valid, exp_domain = _load_logits(L_ptr, pid, N, n, N_PAD, BLOCK)
     G = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dL_ptr + offs, _sinkhorn_vjp(L, K, G, valid, exp_domain, S_ptr, pid, N_PAD, ITERS, BLOCK), mask=mask)
+
+
+@triton.jit
+def _sinkhorn_vjp(L, K, G, valid, exp_domain, S_ptr, pid, N_PAD: tl.constexpr, ITERS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The gradient with respect to the logits L of the Sinkhorn's output, given G, its gradient."""
     # one step's x for every matrix; int64, since ITERS of them can pass 2^31 values
     slots = tl.num_programs(0).to(tl.int64) * BLOCK * N_PAD
     hist = (pid * BLOCK + tl.arange(0, BLOCK))[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
@@ -162,7 +186,7 @@ def _sinkhorn_bwd_kernel(L_ptr, G_ptr, dL_ptr, S_ptr, N, n: tl.constexpr, N_PAD:
             G = G - _state(L, K, x, y, exp_domain) * tl.sum(G, axis=2)[:, :, None]       # row step t
             G = G - _state(L, K, x_prev, y, exp_domain) * tl.sum(G, axis=1)[:, None, :]  # column step t
         x, x_prev = x_prev, x_ahead
-    tl.store(dL_ptr + offs, G, mask=mask)
+    return G
 
 
 def _sinkhorn_launch_args(N, n, backward=False):
@@ -231,6 +255,155 @@ def sinkhorn(logits, iters=20):
     if logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn: expected square matrices [..., n, n], got shape {tuple(logits.shape)}")
     return sinkhorn_fwd(logits.float(), int(iters))
+
+
+# ----------------------------------------------------------------------------------------------
+# mHC's maps from the projection h = [h_pre | h_post | h_res] (Eqs. 3-5, mhc.coefficients): the
+# gates and the Sinkhorn in one kernel, forward and backward. What it buys is compile time: the
+# gates' dozen small ops and their backward are two opaque ops in the graph Inductor compiles,
+# once per connection, instead of some 40.
+
+@triton.jit
+def _gate(h_ptr, b_ptr, m, N, W: tl.constexpr, start: tl.constexpr, n: tl.constexpr, N_PAD: tl.constexpr):
+    """h[m, start + k] and b[start + k] for k < n, [BLOCK, N_PAD] and [N_PAD] (padding = 0), offsets, mask."""
+    k = tl.arange(0, N_PAD)
+    mask = (m[:, None] < N) & (k[None, :] < n)
+    h = tl.load(h_ptr + m[:, None] * W + start + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + start + k, mask=k < n, other=0.0).to(tl.float32)
+    return h, b, m[:, None] * n + k[None, :], mask
+
+
+@triton.jit
+def _res_logits(h_ptr, b_ptr, a_res, m, mask, W: tl.constexpr, n: tl.constexpr, N_PAD: tl.constexpr):
+    """h_res [BLOCK, N_PAD, N_PAD] (padding = 0) and the logits a_res * h_res + b_res (padding = -inf)."""
+    i = tl.arange(0, N_PAD)
+    within = i[None, :, None] * n + i[None, None, :]
+    h = tl.load(h_ptr + m[:, None, None] * W + 2 * n + within, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + 2 * n + within, mask=(i[None, :, None] < n) & (i[None, None, :] < n), other=0.0)
+    return h, tl.where(mask, a_res * h + b.to(tl.float32), float("-inf"))
+
+
+@triton.jit
+def _coefs_fwd_kernel(h_ptr, a_ptr, b_ptr, pre_ptr, post_ptr, res_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr,
+                      ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    W: tl.constexpr = 2 * n + n * n
+    m, offs, mask = _matrices(tl.program_id(0), N, n, N_PAD, BLOCK)
+    h, b, o, gmask = _gate(h_ptr, b_ptr, m, N, W, 0, n, N_PAD)
+    tl.store(pre_ptr + o, tl.sigmoid(tl.load(a_ptr) * h + b[None, :]), mask=gmask)             # Eq. (3)
+    h, b, o, gmask = _gate(h_ptr, b_ptr, m, N, W, n, n, N_PAD)
+    tl.store(post_ptr + o, 2 * tl.sigmoid(tl.load(a_ptr + 1) * h + b[None, :]), mask=gmask)    # Eq. (4)
+    h, L = _res_logits(h_ptr, b_ptr, tl.load(a_ptr + 2), m, mask, W, n, N_PAD)
+    K, valid, exp_domain = _prepare(L, m, mask, N, n, N_PAD)
+    x = _start(valid, exp_domain)
+    y = x
+    for _ in range(ITERS):                                                                       # Eq. (5)
+        y = _columns(L, K, x, valid, exp_domain)
+        x = _rows(L, K, y, valid, exp_domain)
+    tl.store(res_ptr + offs, _state(L, K, x, y, exp_domain), mask=mask)
+
+
+@triton.jit
+def _gate_bwd(h_ptr, b_ptr, a, g_ptr, dh_ptr, m, N, W: tl.constexpr, start: tl.constexpr, scale: tl.constexpr,
+              n: tl.constexpr, N_PAD: tl.constexpr):
+    """Backward of scale * sigmoid(a * h + b): writes dh, returns this block's sums for da and db."""
+    h, b, o, mask = _gate(h_ptr, b_ptr, m, N, W, start, n, N_PAD)
+    s = tl.sigmoid(a * h + b[None, :])
+    dz = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32) * (scale * s * (1 - s))
+    dz = tl.where(mask, dz, 0.0)
+    tl.store(dh_ptr + m[:, None] * W + start + tl.arange(0, N_PAD)[None, :], a * dz, mask=mask)
+    return tl.sum(tl.sum(dz * h, axis=1), axis=0), tl.sum(dz, axis=0)
+
+
+@triton.jit
+def _coefs_bwd_kernel(h_ptr, a_ptr, b_ptr, gpre_ptr, gpost_ptr, gres_ptr, dh_ptr, part_ptr, S_ptr, N,
+                      n: tl.constexpr, N_PAD: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """dh, and per program the sums of da and db over its BLOCK tokens: part[pid] = [da (3) | db (W)]."""
+    W: tl.constexpr = 2 * n + n * n
+    pid = tl.program_id(0)
+    m, offs, mask = _matrices(pid, N, n, N_PAD, BLOCK)
+    k = tl.arange(0, N_PAD)
+    row = part_ptr + pid * (3 + W)
+    a_res = tl.load(a_ptr + 2)
+    h, L = _res_logits(h_ptr, b_ptr, a_res, m, mask, W, n, N_PAD)
+    K, valid, exp_domain = _prepare(L, m, mask, N, n, N_PAD)
+    G = tl.load(gres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dL = tl.where(mask, _sinkhorn_vjp(L, K, G, valid, exp_domain, S_ptr, pid, N_PAD, ITERS, BLOCK), 0.0)
+    within = k[:, None] * n + k[None, :]
+    tl.store(dh_ptr + m[:, None, None] * W + 2 * n + within[None, :, :], a_res * dL, mask=mask)
+    tl.store(row + 2, tl.sum(tl.sum(tl.sum(dL * h, axis=2), axis=1), axis=0))
+    tl.store(row + 3 + 2 * n + within, tl.sum(dL, axis=0), mask=(k[:, None] < n) & (k[None, :] < n))
+    da, db = _gate_bwd(h_ptr, b_ptr, tl.load(a_ptr), gpre_ptr, dh_ptr, m, N, W, 0, 1.0, n, N_PAD)
+    tl.store(row, da)
+    tl.store(row + 3 + k, db, mask=k < n)
+    da, db = _gate_bwd(h_ptr, b_ptr, tl.load(a_ptr + 1), gpost_ptr, dh_ptr, m, N, W, n, 2.0, n, N_PAD)
+    tl.store(row + 1, da)
+    tl.store(row + 3 + n + k, db, mask=k < n)
+
+
+@torch.library.custom_op("mhc::coefficients", mutates_args=())
+def coefficients_fwd(h: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, n: int,
+                     iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hf = h.reshape(-1, h.shape[-1]).contiguous()
+    N = hf.shape[0]
+    pre, post = (torch.empty(N, n, dtype=torch.float32, device=h.device) for _ in range(2))
+    res = torch.empty(N, n, n, dtype=torch.float32, device=h.device)
+    N_PAD, BLOCK, warps, grid = _sinkhorn_launch_args(N, n)
+    if N > 0:
+        _coefs_fwd_kernel[grid](hf, alpha.contiguous(), b.contiguous(), pre, post, res, N, n=n, N_PAD=N_PAD,
+                                ITERS=iters, BLOCK=BLOCK, num_warps=warps)
+    lead = h.shape[:-1]
+    return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
+
+
+@coefficients_fwd.register_fake
+def _(h, alpha, b, n, iters):
+    lead = h.shape[:-1]
+    return (h.new_empty(*lead, n, dtype=torch.float32), h.new_empty(*lead, n, dtype=torch.float32),
+            h.new_empty(*lead, n, n, dtype=torch.float32))
+
+
+@torch.library.custom_op("mhc::coefficients_bwd", mutates_args=())
+def coefficients_bwd(g_pre: torch.Tensor, g_post: torch.Tensor, g_res: torch.Tensor, h: torch.Tensor,
+                     alpha: torch.Tensor, b: torch.Tensor, n: int,
+                     iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    W = h.shape[-1]
+    hf = h.reshape(-1, W).contiguous()
+    N = hf.shape[0]
+    dh = torch.empty(N, W, dtype=torch.float32, device=h.device)
+    N_PAD, BLOCK, warps, grid = _sinkhorn_launch_args(N, n, backward=True)
+    part = torch.zeros(grid[0], 3 + W, dtype=torch.float32, device=h.device)
+    scratch = torch.empty(iters, grid[0] * BLOCK, N_PAD, dtype=torch.float32, device=h.device)
+    if N > 0:
+        _coefs_bwd_kernel[grid](hf, alpha.contiguous(), b.contiguous(), g_pre.contiguous(), g_post.contiguous(),
+                                g_res.contiguous(), dh, part, scratch, N, n=n, N_PAD=N_PAD, ITERS=iters,
+                                BLOCK=BLOCK, num_warps=warps)
+    d = part.sum(0)  # two outputs must not be views of one tensor
+    return dh.view(h.shape).to(h.dtype), d[:3].to(alpha.dtype, copy=True), d[3:].to(b.dtype, copy=True)
+
+
+@coefficients_bwd.register_fake
+def _(g_pre, g_post, g_res, h, alpha, b, n, iters):
+    return torch.empty_like(h), torch.empty_like(alpha), torch.empty_like(b)
+
+
+def _coefficients_setup(ctx, inputs, output):
+    h, alpha, b, n, iters = inputs
+    ctx.save_for_backward(h, alpha, b)
+    ctx.n, ctx.iters = n, iters
+
+
+def _coefficients_backward(ctx, g_pre, g_post, g_res):
+    return (*coefficients_bwd(g_pre, g_post, g_res, *ctx.saved_tensors, ctx.n, ctx.iters), None, None)
+
+
+torch.library.register_autograd("mhc::coefficients", _coefficients_backward, setup_context=_coefficients_setup)
+
+
+def coefficients(h, alpha, b, n, iters=20):
+    """Same signature and meaning as mhc.coefficients: H_pre, H_post, H_res from h [..., 2n + n^2]."""
+    if iters < 1:
+        raise ValueError(f"coefficients: iters must be >= 1, got {iters}")
+    return coefficients_fwd(h.float(), alpha.float(), b.float(), int(n), int(iters))
 
 
 # ----------------------------------------------------------------------------------------------

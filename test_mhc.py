@@ -494,6 +494,31 @@ def test_kernel_sinkhorn_iterations_and_shapes(iters):
 
 
 @needs_triton
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_kernel_coefficients_forward_and_backward(n, scale):
+    # mHC's gates and Sinkhorn in one kernel against mhc.coefficients in float64: every output and
+    # every input's gradient. 70 tokens: more than one program of the backward, the last partial;
+    # scale 30 spreads the logits past the exp domain, so the log-domain path runs too.
+    torch.manual_seed(n)
+    W = 2 * n + n * n
+    inputs = [scale * torch.randn(70, W), torch.tensor([0.5, -0.7, 1.3]), torch.randn(W)]
+    got_in = [t.to(DEVICE).requires_grad_() for t in inputs]
+    ref_in = [t.to(DEVICE).double().requires_grad_() for t in inputs]
+    got = triton_kernels.coefficients(*got_in, n, 20)
+    ref = mhc.coefficients(*ref_in, n, 20)
+    for a, r in zip(got, ref):
+        assert a.dtype == torch.float32 and a.shape == r.shape and max_rel_err(a, r) < 1e-5
+    grads = [torch.randn(r.shape, device=DEVICE) for r in ref]
+    got_grads = torch.autograd.grad(got, got_in, grads)
+    ref_grads = torch.autograd.grad(ref, ref_in, [g.double() for g in grads])
+    for a, r in zip(got_grads, ref_grads):
+        assert torch.isfinite(a).all() and max_rel_err(a, r) < 1e-4
+    with pytest.raises(ValueError, match="iters"):
+        triton_kernels.coefficients(*got_in, n, 0)
+
+
+@needs_triton
 @pytest.mark.parametrize("n,C,M", [(1, 7, 3), (2, 33, 5), (3, 130, 9), (4, 96, 11), (8, 20, 37)])
 def test_kernel_stream_mixing_forward_and_backward(n, C, M):
     # C = 130 > 128 makes the backward loop over two chunks of channels, one of them partial;
@@ -1374,15 +1399,16 @@ def test_bench_runs(tmp_path):
     env = {"CUDA_VISIBLE_DEVICES": ""}
     assert "No CUDA GPU found" in run("bench.py", **env).stdout
     out = run("bench.py", "--device=cpu", "--only=kernels", **env).stdout
-    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "stream_pre", "stream_post"):
+    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "coefficients n=4", "coefficients n=8", "stream_pre", "stream_post"):
         assert f"{op}" in out and "GB/s" in out
     if triton_kernels is not None:
-        # fwd and fwd+bwd of four ops (Sinkhorn 4x4 and 8x8, pre, post), and their four backward kernels alone
-        assert out.count(", triton") == (12 if os.environ.get("TRITON_INTERPRET") == "1" else 0)
+        # fwd and fwd+bwd of six ops (Sinkhorn and coefficients at n = 4 and 8, pre, post), and the
+        # Sinkhorn's and the stream ops' four backward kernels alone
+        assert out.count(", triton") == (16 if os.environ.get("TRITON_INTERPRET") == "1" else 0)
         # the interpreter accepts code the compiler may not: every kernel must build for an H100
         ptxas = run("bench.py", "--only=ptxas", TRITON_INTERPRET="0").stdout
         rows = [line.split() for line in ptxas.splitlines() if " n=" in line]
-        assert len(rows) == 12 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
+        assert len(rows) == 16 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
 
 
 @slow
