@@ -154,25 +154,27 @@ def bench_kernels(c, device):
     bw = copy_bandwidth(device)
     print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
     print(f"{'op':<56} {'time':>12} {'in kernels':>12} {'min bytes':>13} {'achieved':>14} {'% copy':>7} {'vs eager':>8}")
-    compiled_sinkhorn = torch.compile(mhc.sinkhorn) if c["compile"] else None
-    compiled_coefficients = torch.compile(mhc.coefficients) if c["compile"] else None
+    def compare(name, op, inputs, grads, fwd_bytes, bwd_bytes, *args):
+        """fwd and fwd+bwd rows of mhc's op, torch.compile of it and its Triton kernel, the same inputs."""
+        variants = [("torch eager", getattr(mhc, op))]
+        if c["compile"]:
+            variants.append(("torch.compile", torch.compile(getattr(mhc, op))))
+        if K:
+            variants.append(("triton", getattr(K, op)))
+        base = {}
+        for label, fn in variants:
+            with torch.no_grad():
+                t = timed(lambda: fn(*inputs, *args), device)
+            row(f"{name} fwd, {label}", t, fwd_bytes, bw, base.setdefault("f", t[0]))
+            t = timed(fwd_bwd(lambda *x: fn(*x, *args), inputs, grads), device)
+            row(f"{name} fwd+bwd, {label}", t, bwd_bytes, bw, base.setdefault("b", t[0]))
+
     for n in (4, 8):
         N = c["matrices"]
         L = torch.randn(N, n, n, device=device, requires_grad=True)
         G = torch.randn(N, n, n, device=device)
-        fwd_bytes, bwd_bytes = 2 * N * n * n * 4, 5 * N * n * n * 4  # fwd: L, H; +bwd: L, G, dL
-        variants = [("torch eager", mhc.sinkhorn)]
-        if compiled_sinkhorn:
-            variants.append(("torch.compile", compiled_sinkhorn))
-        if K:
-            variants.append(("triton", K.sinkhorn))
-        base = {}
-        for label, fn in variants:
-            with torch.no_grad():
-                t = timed(lambda: fn(L, 20), device)
-            row(f"sinkhorn {n}x{n} x{N} fwd, {label}", t, fwd_bytes, bw, base.setdefault("f", t[0]))
-            t = timed(fwd_bwd(lambda L: fn(L, 20), [L], [G]), device)
-            row(f"sinkhorn {n}x{n} x{N} fwd+bwd, {label}", t, bwd_bytes, bw, base.setdefault("b", t[0]))
+        # bytes: fwd L, H; + bwd L, G, dL
+        compare(f"sinkhorn {n}x{n} x{N}", "sinkhorn", [L], [G], 2 * N * n * n * 4, 5 * N * n * n * 4, 20)
         if K:  # the backward kernel alone (it recomputes the forward on chip)
             with torch.no_grad():
                 t = timed(lambda: K.sinkhorn_bwd(G, L, 20), device)
@@ -183,18 +185,8 @@ def bench_kernels(c, device):
         alpha = torch.full((3,), 0.5, device=device, requires_grad=True)
         b = torch.randn(W, device=device, requires_grad=True)
         grads = [torch.randn(N, n, device=device), torch.randn(N, n, device=device), G]
-        variants = [("torch eager", mhc.coefficients)]
-        if compiled_coefficients:
-            variants.append(("torch.compile", compiled_coefficients))
-        if K:
-            variants.append(("triton", K.coefficients))
-        base = {}
-        for label, fn in variants:  # bytes: h and the maps; + bwd: h, their gradients, dh
-            with torch.no_grad():
-                t = timed(lambda: fn(h, alpha, b, n, 20), device)
-            row(f"coefficients n={n} x{N} fwd, {label}", t, 2 * N * W * 4, bw, base.setdefault("f", t[0]))
-            t = timed(fwd_bwd(lambda h, alpha, b: fn(h, alpha, b, n, 20), [h, alpha, b], grads), device)
-            row(f"coefficients n={n} x{N} fwd+bwd, {label}", t, 5 * N * W * 4, bw, base.setdefault("b", t[0]))
+        # bytes: fwd h and the maps; + bwd h, the maps' gradients, dh
+        compare(f"coefficients n={n} x{N}", "coefficients", [h, alpha, b], grads, 2 * N * W * 4, 5 * N * W * 4, n, 20)
     # stream mixing of one sublayer: x [M, n, C] fp32 stream, y [M, C] bf16 sublayer output
     n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
     x = torch.randn(M, n, C, device=device, requires_grad=True)
