@@ -371,7 +371,7 @@ def coefficients_bwd(g_pre: torch.Tensor, g_post: torch.Tensor, g_res: torch.Ten
     N = hf.shape[0]
     dh = torch.empty(N, W, dtype=torch.float32, device=h.device)
     N_PAD, BLOCK, warps, grid = _sinkhorn_launch_args(N, n, backward=True)
-    part = torch.zeros(grid[0], 3 + W, dtype=torch.float32, device=h.device)
+    part = torch.empty(grid[0], 3 + W, dtype=torch.float32, device=h.device)  # every program writes its row
     scratch = torch.empty(iters, grid[0] * BLOCK, N_PAD, dtype=torch.float32, device=h.device)
     if N > 0:
         _coefs_bwd_kernel[grid](hf, alpha.contiguous(), b.contiguous(), g_pre.contiguous(), g_post.contiguous(),
