@@ -64,6 +64,9 @@ def sinkhorn(logits, iters=20):
     return log_m.exp()
 
 
+# ----------------------------------------------------------------------------------------------
+# mHC's maps from the projection h (the class docstring below has Eqs. 2-4): gates, then Sinkhorn
+
 def gates(h, alpha, b, n):
     """Eqs. (3)-(4) up to the projection of H_res: from h = [h_pre | h_post | h_res] [..., 2n + r]
     and the static parts b (same layout), H_pre, H_post and the logits of H_res [..., r]."""
