@@ -170,11 +170,12 @@ class HyperConnection(Connection):
         n = self.n
         with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
             d = torch.tanh((x @ self.W.to(x.dtype)) * inv_rms(x))  # rmsnorm(x_j) . W: [..., n, n + 2]
-            b_pre, b_post, b_res = self.b.split([n, n, n * n])
-            H_pre = b_pre + self.s[0] * d[..., 0]
-            H_post = b_post + self.s[1] * d[..., 1]
-            H_res = b_res.view(n, n) + self.s[2] * d[..., 2:].transpose(-1, -2)  # H_res[i, j] from stream j
-        return H_pre, H_post, self.res_or_identity(H_res)
+            d = d * torch.cat([self.s[:2], self.s[2:].expand(n)])    # columns: s_pre, s_post, s_res x n
+            # d[..., j, :] is stream j's [pre, post, column j of H_res]; transposed and flattened it
+            # is [pre (n) | post (n) | H_res row by row (n*n)], b's layout: H = b + s * tanh(...)
+            H = self.b + d.transpose(-1, -2).flatten(-2)
+            H_pre, H_post, H_res = H.split([n, n, n * n], dim=-1)
+        return H_pre, H_post, self.res_or_identity(H_res.unflatten(-1, (n, n)))
 
 
 class ManifoldHyperConnection(Connection):
