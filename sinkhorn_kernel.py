@@ -258,10 +258,10 @@ def sinkhorn(logits, iters=20):
 
 
 # ----------------------------------------------------------------------------------------------
-# mHC's maps from the projection h = [h_pre | h_post | h_res] (Eqs. 3-5, mhc.coefficients): the
-# gates and the Sinkhorn in one kernel, forward and backward. What it buys is compile time: the
-# gates' dozen small ops and their backward are two opaque ops in the graph Inductor compiles,
-# once per connection, instead of some 40.
+# mHC's maps from the projection h = [h_pre | h_post | h_res] (Eqs. 3-4, mhc.coefficients): the
+# gates and the Sinkhorn (Eq. 9) in one kernel, forward and backward. What it buys is compile
+# time: the gates' dozen small ops and their backward are two opaque ops in the graph Inductor
+# compiles, once per connection, instead of some 40.
 
 @triton.jit
 def _gate(h_ptr, b_ptr, m, N, W: tl.constexpr, start: tl.constexpr, n: tl.constexpr, N_PAD: tl.constexpr):
@@ -296,7 +296,7 @@ def _coefs_fwd_kernel(h_ptr, a_ptr, b_ptr, pre_ptr, post_ptr, res_ptr, N, n: tl.
     K, valid, exp_domain = _prepare(L, m, mask, N, n, N_PAD)
     x = _start(valid, exp_domain)
     y = x
-    for _ in range(ITERS):                                                                       # Eq. (5)
+    for _ in range(ITERS):                                                                       # Eq. (9)
         y = _columns(L, K, x, valid, exp_domain)
         x = _rows(L, K, y, valid, exp_domain)
     tl.store(res_ptr + offs, _state(L, K, x, y, exp_domain), mask=mask)
