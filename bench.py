@@ -187,6 +187,10 @@ def bench_kernels(c, device):
         grads = [torch.randn(N, n, device=device), torch.randn(N, n, device=device), G]
         # bytes: fwd h and the maps; + bwd h, the maps' gradients, dh
         compare(f"coefficients n={n} x{N}", "coefficients", [h, alpha, b], grads, 2 * N * W * 4, 5 * N * W * 4, n, 20)
+        # HC's gates from its per-stream projection p [N, n, n + 2], the same bytes
+        p = torch.randn(N, n, n + 2, device=device, requires_grad=True)
+        compare(f"hc_gates n={n} x{N}", "hc_gates", [p, alpha, b], [torch.randn(N, W, device=device)],
+                2 * N * W * 4, 5 * N * W * 4)
     # stream mixing of one sublayer: x [M, n, C] fp32 stream, y [M, C] bf16 sublayer output
     n, C, M = c["n_streams"], c["n_embd"], c["tokens"]
     x = torch.randn(M, n, C, device=device, requires_grad=True)
@@ -625,6 +629,9 @@ def ptxas_report():
                                    ("coefficients", sk._coefs_fwd_kernel, sk._coefs_bwd_kernel)):
                 report(f"{name} {'bwd' if backward else 'fwd'} n={n}", bwd if backward else fwd,
                        dict(n=n, N_PAD=N_PAD, ITERS=20, BLOCK=BLOCK), warps)
+            N_PAD, K_PAD, BLOCK, _ = sk._hc_launch_args(1, n)
+            report(f"hc_gates {'bwd' if backward else 'fwd'} n={n}", sk._hc_bwd_kernel if backward else sk._hc_fwd_kernel,
+                   dict(n=n, N_PAD=N_PAD, K_PAD=K_PAD, BLOCK=BLOCK), 4)
         for kernel in ("pre_fwd", "pre_bwd", "post_fwd", "post_bwd"):
             N_PAD, BM, BC, warps = sk._stream_tiles(kernel, n, 768, 4)
             report(f"stream_{kernel.replace('_', ' ')} n={n} C=768", getattr(sk, f"_{kernel}_kernel"),

@@ -65,7 +65,9 @@ def sinkhorn(logits, iters=20):
 
 
 # ----------------------------------------------------------------------------------------------
-# mHC's maps from the projection h (the class docstring below has Eqs. 2-4): gates, then Sinkhorn
+# The maps from their projection (the class docstrings below have the equations): mHC's gates,
+# then its Sinkhorn; HC's gates. The Triton versions are one kernel each (forward and backward),
+# a few ops for torch.compile to lower in place of some forty a connection.
 
 def gates(h, alpha, b, n):
     """Eqs. (3)-(4) up to the projection of H_res: from h = [h_pre | h_post | h_res] [..., 2n + r]
@@ -78,11 +80,18 @@ def gates(h, alpha, b, n):
 
 
 def coefficients(h, alpha, b, n, iters=20):
-    """mHC's maps from h [..., 2n + n^2]: the gates, then the Sinkhorn of H_res's logits. The
-    Triton version is one kernel (forward and backward), a few ops for torch.compile to lower
-    in place of some forty a connection."""
+    """mHC's maps from h [..., 2n + n^2]: the gates, then the Sinkhorn of H_res's logits."""
     H_pre, H_post, res_logits = gates(h, alpha, b, n)
     return H_pre, H_post, sinkhorn(res_logits.unflatten(-1, (n, n)), iters)
+
+
+def hc_gates(p, s, b):
+    """HC's maps b + s * tanh(p), from the per-stream projection p [..., n, n + 2]. Row j of p is
+    stream j's [pre, post, column j of H_res]; transposed and flattened, p's columns are b's layout
+    [pre (n) | post (n) | H_res row by row (n*n)]. s = [s_pre, s_post, s_res]."""
+    n = p.shape[-2]
+    d = torch.tanh(p) * torch.cat([s[:2], s[2:].expand(n)])  # column k scaled by s_pre, s_post, s_res...
+    return b + d.transpose(-1, -2).flatten(-2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,11 +178,8 @@ class HyperConnection(Connection):
     def maps(self, x):
         n = self.n
         with torch.autocast(x.device.type, enabled=False):  # coefficients in fp32 (see model.py)
-            d = torch.tanh((x @ self.W.to(x.dtype)) * inv_rms(x))  # rmsnorm(x_j) . W: [..., n, n + 2]
-            d = d * torch.cat([self.s[:2], self.s[2:].expand(n)])    # columns: s_pre, s_post, s_res x n
-            # d[..., j, :] is stream j's [pre, post, column j of H_res]; transposed and flattened it
-            # is [pre (n) | post (n) | H_res row by row (n*n)], b's layout: H = b + s * tanh(...)
-            H = self.b + d.transpose(-1, -2).flatten(-2)
+            p = (x @ self.W.to(x.dtype)) * inv_rms(x)  # rmsnorm(x_j) . W: [..., n, n + 2]
+            H = ops(self.kernel, x).hc_gates(p, self.s, self.b)  # b + s * tanh(p), in b's layout
             H_pre, H_post, H_res = H.split([n, n, n * n], dim=-1)
         return H_pre, H_post, self.res_or_identity(H_res.unflatten(-1, (n, n)))
 
@@ -359,11 +365,11 @@ def check_kernel(kernel):
 
 
 def ops(kernel, x):
-    """The one place that picks the code for mHC's gates and Sinkhorn (coefficients) and the stream
-    read/write: this file's reference (kernel="torch"), sinkhorn_kernel.py's Triton kernels
-    ("triton"), or "auto": Triton on CUDA tensors, the reference elsewhere. Everything else (the
-    maps' projection and norm, HC's and mHC-lite's gates) is plain PyTorch on either path, which
-    torch.compile fuses well."""
+    """The one place that picks the code for the maps' gates (mHC's with its Sinkhorn, coefficients;
+    HC's, hc_gates) and the stream read/write: this file's reference (kernel="torch"),
+    sinkhorn_kernel.py's Triton kernels ("triton"), or "auto": Triton on CUDA tensors, the
+    reference elsewhere. Everything else (the maps' projection and norm, mHC-lite's gates) is plain
+    PyTorch on either path, which torch.compile fuses well."""
     if kernel == "torch" or (kernel == "auto" and not (x.is_cuda and triton_kernels is not None)):
         return sys.modules[__name__]
     check_kernel(kernel)

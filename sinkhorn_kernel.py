@@ -4,6 +4,7 @@ each one as a single opaque op (no graph break, no tracing of the Sinkhorn loop)
 
     sinkhorn(logits, iters=20)           the projection of mhc.sinkhorn, forward and backward
     coefficients(h, alpha, b, n, iters)  mHC's gates and Sinkhorn, mhc.coefficients    (Eqs. 3-4)
+    hc_gates(p, s, b)                    HC's maps b + s * tanh(p), mhc.hc_gates
     stream_pre(x, H_pre)                 layer_in = H_pre . x                 (Eq. 1, read)
     stream_post(x, y, H_res, H_post)     x_next = H_res . x + H_post^T y      (Eq. 1, write)
 
@@ -404,6 +405,115 @@ def coefficients(h, alpha, b, n, iters=20):
     if iters < 1:
         raise ValueError(f"coefficients: iters must be >= 1, got {iters}")
     return coefficients_fwd(h.float(), alpha.float(), b.float(), int(n), int(iters))
+
+
+# ----------------------------------------------------------------------------------------------
+# HC's maps from its per-stream projection p [M, n, n + 2] (mhc.hc_gates): b + s * tanh(p), p's
+# columns (pre, post, then H_res's rows) become b's sections. As with mHC's coefficients, one op
+# for the gates and their backward's sums over tokens buys compile time.
+
+@triton.jit
+def _hc_tile(pid, M, n: tl.constexpr, N_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """A [BLOCK, K_PAD, N_PAD] tile of BLOCK tokens: column k of stream j's row of p, and entry k * n
+    + j of H (b's layout); the offsets of both, the mask, k and j."""
+    m = (pid * BLOCK + tl.arange(0, BLOCK))[:, None, None]
+    k = tl.arange(0, K_PAD)[None, :, None]
+    j = tl.arange(0, N_PAD)[None, None, :]
+    mask = (m < M) & (k < n + 2) & (j < n)
+    return m * (n * (n + 2)) + j * (n + 2) + k, m * (n * (n + 2)) + k * n + j, mask, k, j
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2 * tl.abs(x))  # never overflows
+    return tl.where(x < 0, -1.0, 1.0) * (1 - e) / (1 + e)
+
+
+@triton.jit
+def _hc_fwd_kernel(p_ptr, s_ptr, b_ptr, H_ptr, M, n: tl.constexpr, N_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    p_offs, H_offs, mask, k, j = _hc_tile(tl.program_id(0), M, n, N_PAD, K_PAD, BLOCK)
+    t = _tanh(tl.load(p_ptr + p_offs, mask=mask, other=0.0))
+    s = tl.load(s_ptr + tl.minimum(k, 2))  # s_pre, s_post, then s_res for every row of H_res
+    b = tl.load(b_ptr + k * n + j, mask=(k < n + 2) & (j < n), other=0.0)
+    tl.store(H_ptr + H_offs, b + s * t, mask=mask)
+
+
+@triton.jit
+def _hc_bwd_kernel(p_ptr, s_ptr, g_ptr, dp_ptr, part_ptr, M, n: tl.constexpr, N_PAD: tl.constexpr,
+                   K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """dp, and per program the sums of ds and db over its BLOCK tokens: part[pid] = [ds (3) | db]."""
+    pid = tl.program_id(0)
+    p_offs, H_offs, mask, k, j = _hc_tile(pid, M, n, N_PAD, K_PAD, BLOCK)
+    t = _tanh(tl.load(p_ptr + p_offs, mask=mask, other=0.0))
+    g = tl.load(g_ptr + H_offs, mask=mask, other=0.0)  # padding 0: it adds nothing to the sums
+    tl.store(dp_ptr + p_offs, g * tl.load(s_ptr + tl.minimum(k, 2)) * (1 - t * t), mask=mask)
+    row = part_ptr + pid * (3 + n * (n + 2))
+    gt = tl.sum(tl.sum(g * t, axis=2), axis=0)  # [K_PAD]: sum of g * tanh(p) for each column of p
+    c = tl.arange(0, K_PAD)
+    tl.store(row + c, gt, mask=c < 2)                                        # ds_pre, ds_post
+    tl.store(row + 2, tl.sum(tl.where(c >= 2, gt, 0.0), axis=0))            # ds_res
+    tl.store(row + 3 + k * n + j, tl.sum(g, axis=0)[None, :, :], mask=(k < n + 2) & (j < n))  # db
+
+
+def _hc_launch_args(M, n):
+    """Tokens a program (a tile of about 4,096 values), the pads and the grid."""
+    N_PAD, K_PAD = triton.next_power_of_2(n), triton.next_power_of_2(n + 2)
+    BLOCK = max(1, 4096 // (N_PAD * K_PAD))
+    return N_PAD, K_PAD, BLOCK, (triton.cdiv(M, BLOCK),)
+
+
+@torch.library.custom_op("mhc::hc_gates", mutates_args=())
+def hc_gates_fwd(p: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = p.shape[-2]
+    pf = p.reshape(-1, n, n + 2).contiguous()
+    M = pf.shape[0]
+    H = torch.empty(M, n * (n + 2), dtype=torch.float32, device=p.device)
+    N_PAD, K_PAD, BLOCK, grid = _hc_launch_args(M, n)
+    if M > 0:
+        _hc_fwd_kernel[grid](pf, s.contiguous(), b.contiguous(), H, M, n=n, N_PAD=N_PAD, K_PAD=K_PAD, BLOCK=BLOCK)
+    return H.view(*p.shape[:-2], n * (n + 2))
+
+
+@hc_gates_fwd.register_fake
+def _(p, s, b):
+    return p.new_empty(*p.shape[:-2], p.shape[-2] * p.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("mhc::hc_gates_bwd", mutates_args=())
+def hc_gates_bwd(g: torch.Tensor, p: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = p.shape[-2]
+    pf = p.reshape(-1, n, n + 2).contiguous()
+    M = pf.shape[0]
+    dp = torch.empty_like(pf)
+    N_PAD, K_PAD, BLOCK, grid = _hc_launch_args(M, n)
+    part = torch.empty(grid[0], 3 + n * (n + 2), dtype=torch.float32, device=p.device)  # every program writes its row
+    if M > 0:
+        _hc_bwd_kernel[grid](pf, s.contiguous(), g.reshape(M, -1).float().contiguous(), dp, part, M, n=n,
+                             N_PAD=N_PAD, K_PAD=K_PAD, BLOCK=BLOCK)
+    d = part.sum(0)
+    return dp.view(p.shape), d[:3].clone(), d[3:].clone()  # two outputs must not be views of one tensor
+
+
+@hc_gates_bwd.register_fake
+def _(g, p, s):
+    return torch.empty_like(p), torch.empty_like(s), p.new_empty(p.shape[-2] * p.shape[-1])
+
+
+def _hc_gates_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:2])
+
+
+def _hc_gates_backward(ctx, g):
+    return hc_gates_bwd(g, *ctx.saved_tensors)
+
+
+torch.library.register_autograd("mhc::hc_gates", _hc_gates_backward, setup_context=_hc_gates_setup)
+
+
+def hc_gates(p, s, b):
+    """Same signature and meaning as mhc.hc_gates: [..., 2n + n^2] in b's layout from p [..., n, n + 2]."""
+    return hc_gates_fwd(p.float(), s.float(), b.float())
 
 
 # ----------------------------------------------------------------------------------------------

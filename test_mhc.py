@@ -519,6 +519,25 @@ def test_kernel_coefficients_forward_and_backward(n, scale):
 
 
 @needs_triton
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_kernel_hc_gates_forward_and_backward(n):
+    # HC's gates in one kernel against mhc.hc_gates in float64, the output and every input's
+    # gradient; 1,100 tokens: more than one program at every n (n = 1 takes 1,024 a program), the
+    # last partial. p's scale 3 reaches tanh's flat ends.
+    torch.manual_seed(n)
+    inputs = [3 * torch.randn(1100, n, n + 2), torch.tensor([0.5, -0.7, 1.3]), torch.randn(n * (n + 2))]
+    got_in = [t.to(DEVICE).requires_grad_() for t in inputs]
+    ref_in = [t.to(DEVICE).double().requires_grad_() for t in inputs]
+    got, ref = triton_kernels.hc_gates(*got_in), mhc.hc_gates(*ref_in)
+    assert got.dtype == torch.float32 and got.shape == ref.shape and max_rel_err(got, ref) < 1e-5
+    grad = torch.randn(ref.shape, device=DEVICE)
+    got_grads = torch.autograd.grad(got, got_in, grad)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    for a, r in zip(got_grads, ref_grads):
+        assert torch.isfinite(a).all() and max_rel_err(a, r) < 1e-4
+
+
+@needs_triton
 @pytest.mark.parametrize("n,C,M", [(1, 7, 3), (2, 33, 5), (3, 130, 9), (4, 96, 11), (8, 20, 37)])
 def test_kernel_stream_mixing_forward_and_backward(n, C, M):
     # C = 130 > 128 makes the backward loop over two chunks of channels, one of them partial;
@@ -1399,16 +1418,17 @@ def test_bench_runs(tmp_path):
     env = {"CUDA_VISIBLE_DEVICES": ""}
     assert "No CUDA GPU found" in run("bench.py", **env).stdout
     out = run("bench.py", "--device=cpu", "--only=kernels", **env).stdout
-    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "coefficients n=4", "coefficients n=8", "stream_pre", "stream_post"):
+    for op in ("sinkhorn 4x4", "sinkhorn 8x8", "coefficients n=4", "coefficients n=8", "hc_gates n=4", "hc_gates n=8",
+               "stream_pre", "stream_post"):
         assert f"{op}" in out and "GB/s" in out
     if triton_kernels is not None:
-        # fwd and fwd+bwd of six ops (Sinkhorn and coefficients at n = 4 and 8, pre, post), and the
-        # Sinkhorn's and the stream ops' four backward kernels alone
-        assert out.count(", triton") == (16 if os.environ.get("TRITON_INTERPRET") == "1" else 0)
+        # fwd and fwd+bwd of eight ops (Sinkhorn, coefficients and HC's gates at n = 4 and 8, pre,
+        # post), and the Sinkhorn's and the stream ops' four backward kernels alone
+        assert out.count(", triton") == (20 if os.environ.get("TRITON_INTERPRET") == "1" else 0)
         # the interpreter accepts code the compiler may not: every kernel must build for an H100
         ptxas = run("bench.py", "--only=ptxas", TRITON_INTERPRET="0").stdout
         rows = [line.split() for line in ptxas.splitlines() if " n=" in line]
-        assert len(rows) == 16 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
+        assert len(rows) == 20 and all(r[-2].isdigit() and r[-1].isdigit() for r in rows)
 
 
 @slow
