@@ -554,7 +554,7 @@ KERNEL_GROUPS = (("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
                  ("attention", ("sdpa", "flash", "fmha", "cudnn")),
                  ("optimizer", ("multi_tensor_apply",)),
                  ("Inductor", ("triton_",)),  # before ours: Inductor names a kernel after the ops it fuses
-                 ("our Triton ops", ("_sinkhorn_", "_coefs_", "_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd")))
+                 ("our Triton ops", ("_sinkhorn_", "_coefs_", "_hc_", "_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd")))
 GROUP_NAMES = tuple(group for group, _ in KERNEL_GROUPS) + ("other",)
 
 
