@@ -493,6 +493,23 @@ def test_kernel_sinkhorn_iterations_and_shapes(iters):
         triton_kernels.sinkhorn(logits, 0)
 
 
+def assert_op_matches_float64(kernel_op, reference, inputs, *args):
+    """A Triton op against its mhc.py reference in float64: every output (fp32, rel. error < 1e-5)
+    and every input's gradient (< 1e-4) for random output gradients. Returns the op's inputs."""
+    got_in = [t.to(DEVICE).requires_grad_() for t in inputs]
+    ref_in = [t.to(DEVICE).double().requires_grad_() for t in inputs]
+    got, ref = kernel_op(*got_in, *args), reference(*ref_in, *args)
+    got, ref = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
+    for a, r in zip(got, ref):
+        assert a.dtype == torch.float32 and a.shape == r.shape and max_rel_err(a, r) < 1e-5
+    grads = [torch.randn(r.shape, device=DEVICE) for r in ref]
+    got_grads = torch.autograd.grad(got, got_in, grads)
+    ref_grads = torch.autograd.grad(ref, ref_in, [g.double() for g in grads])
+    for a, r in zip(got_grads, ref_grads):
+        assert torch.isfinite(a).all() and max_rel_err(a, r) < 1e-4
+    return got_in
+
+
 @needs_triton
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
@@ -503,17 +520,7 @@ def test_kernel_coefficients_forward_and_backward(n, scale):
     torch.manual_seed(n)
     W = 2 * n + n * n
     inputs = [scale * torch.randn(70, W), torch.tensor([0.5, -0.7, 1.3]), torch.randn(W)]
-    got_in = [t.to(DEVICE).requires_grad_() for t in inputs]
-    ref_in = [t.to(DEVICE).double().requires_grad_() for t in inputs]
-    got = triton_kernels.coefficients(*got_in, n, 20)
-    ref = mhc.coefficients(*ref_in, n, 20)
-    for a, r in zip(got, ref):
-        assert a.dtype == torch.float32 and a.shape == r.shape and max_rel_err(a, r) < 1e-5
-    grads = [torch.randn(r.shape, device=DEVICE) for r in ref]
-    got_grads = torch.autograd.grad(got, got_in, grads)
-    ref_grads = torch.autograd.grad(ref, ref_in, [g.double() for g in grads])
-    for a, r in zip(got_grads, ref_grads):
-        assert torch.isfinite(a).all() and max_rel_err(a, r) < 1e-4
+    got_in = assert_op_matches_float64(triton_kernels.coefficients, mhc.coefficients, inputs, n, 20)
     with pytest.raises(ValueError, match="iters"):
         triton_kernels.coefficients(*got_in, n, 0)
 
@@ -526,15 +533,7 @@ def test_kernel_hc_gates_forward_and_backward(n):
     # last partial. p's scale 3 reaches tanh's flat ends.
     torch.manual_seed(n)
     inputs = [3 * torch.randn(1100, n, n + 2), torch.tensor([0.5, -0.7, 1.3]), torch.randn(n * (n + 2))]
-    got_in = [t.to(DEVICE).requires_grad_() for t in inputs]
-    ref_in = [t.to(DEVICE).double().requires_grad_() for t in inputs]
-    got, ref = triton_kernels.hc_gates(*got_in), mhc.hc_gates(*ref_in)
-    assert got.dtype == torch.float32 and got.shape == ref.shape and max_rel_err(got, ref) < 1e-5
-    grad = torch.randn(ref.shape, device=DEVICE)
-    got_grads = torch.autograd.grad(got, got_in, grad)
-    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
-    for a, r in zip(got_grads, ref_grads):
-        assert torch.isfinite(a).all() and max_rel_err(a, r) < 1e-4
+    assert_op_matches_float64(triton_kernels.hc_gates, mhc.hc_gates, inputs)
 
 
 @needs_triton
