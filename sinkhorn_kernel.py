@@ -137,12 +137,18 @@ def _state(L, K, x, y, exp_domain):
 def _sinkhorn_fwd_kernel(L_ptr, H_ptr, N, n: tl.constexpr, N_PAD: tl.constexpr, ITERS: tl.constexpr,
                          BLOCK: tl.constexpr):
     L, K, offs, mask, valid, exp_domain = _load_logits(L_ptr, tl.program_id(0), N, n, N_PAD, BLOCK)
+    tl.store(H_ptr + offs, _sinkhorn(L, K, valid, exp_domain, ITERS), mask=mask)
+
+
+@triton.jit
+def _sinkhorn(L, K, valid, exp_domain, ITERS: tl.constexpr):
+    """The projection of a tile of logits: ITERS column then row normalizations (Eq. 9)."""
     x = _start(valid, exp_domain)
     y = x
     for _ in range(ITERS):
         y = _columns(L, K, x, valid, exp_domain)
         x = _rows(L, K, y, valid, exp_domain)
-    tl.store(H_ptr + offs, _state(L, K, x, y, exp_domain), mask=mask)
+    return _state(L, K, x, y, exp_domain)
 
 
 @triton.jit
@@ -295,12 +301,7 @@ def _coefs_fwd_kernel(h_ptr, a_ptr, b_ptr, pre_ptr, post_ptr, res_ptr, N, n: tl.
     tl.store(post_ptr + o, 2 * tl.sigmoid(tl.load(a_ptr + 1) * h + b[None, :]), mask=gmask)    # Eq. (4)
     h, L = _res_logits(h_ptr, b_ptr, tl.load(a_ptr + 2), m, mask, W, n, N_PAD)
     K, valid, exp_domain = _prepare(L, m, mask, N, n, N_PAD)
-    x = _start(valid, exp_domain)
-    y = x
-    for _ in range(ITERS):                                                                       # Eq. (9)
-        y = _columns(L, K, x, valid, exp_domain)
-        x = _rows(L, K, y, valid, exp_domain)
-    tl.store(res_ptr + offs, _state(L, K, x, y, exp_domain), mask=mask)
+    tl.store(res_ptr + offs, _sinkhorn(L, K, valid, exp_domain, ITERS), mask=mask)             # Eq. (9)
 
 
 @triton.jit
@@ -456,6 +457,10 @@ def _hc_bwd_kernel(p_ptr, s_ptr, g_ptr, dp_ptr, part_ptr, M, n: tl.constexpr, N_
     tl.store(row + 3 + k * n + j, tl.sum(g, axis=0)[None, :, :], mask=(k < n + 2) & (j < n))  # db
 
 
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # HC's gates' and the stream ops' backward kernels need their inputs
+
+
 def _hc_launch_args(M, n):
     """Tokens a program (a tile of about 4,096 values), the pads and the grid."""
     N_PAD, K_PAD = triton.next_power_of_2(n), triton.next_power_of_2(n + 2)
@@ -500,15 +505,12 @@ def _(g, p, s):
     return torch.empty_like(p), torch.empty_like(s), p.new_empty(p.shape[-2] * p.shape[-1])
 
 
-def _hc_gates_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:2])
-
-
 def _hc_gates_backward(ctx, g):
-    return hc_gates_bwd(g, *ctx.saved_tensors)
+    p, s, _ = ctx.saved_tensors
+    return hc_gates_bwd(g, p, s)
 
 
-torch.library.register_autograd("mhc::hc_gates", _hc_gates_backward, setup_context=_hc_gates_setup)
+torch.library.register_autograd("mhc::hc_gates", _hc_gates_backward, setup_context=_save_inputs)
 
 
 def hc_gates(p, s, b):
@@ -688,10 +690,6 @@ def stream_pre_bwd(g: torch.Tensor, x: torch.Tensor, H_pre: torch.Tensor) -> tup
 @stream_pre_bwd.register_fake
 def _(g, x, H_pre):
     return torch.empty_like(x), torch.empty_like(H_pre)
-
-
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # the stream ops' backward kernels need exactly their inputs
 
 
 def _pre_backward(ctx, g):
