@@ -458,7 +458,7 @@ def _hc_bwd_kernel(p_ptr, s_ptr, g_ptr, dp_ptr, part_ptr, M, n: tl.constexpr, N_
 
 
 def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # HC's gates' and the stream ops' backward kernels need their inputs
+    ctx.save_for_backward(*inputs)  # the stream ops' backward kernels need their inputs; HC's gates' need p and s
 
 
 def _hc_launch_args(M, n):
